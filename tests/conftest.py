@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random Llama (fast) and the real default model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tide_trt.models.tiny import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model_dir: Path):
+    from tide_trt.models.loader import load_checkpoint
+
+    return load_checkpoint(str(tiny_model_dir))
+
+
+def make_engine(ckpt, dtype: str = "float32", max_batch_size: int = 8, max_seq_len: int = 256,
+                tokenizer=None):
+    from tide_trt.config import EngineConfig
+    from tide_trt.engine.torch_engine import TorchTargetEngine
+
+    return TorchTargetEngine(ckpt, EngineConfig(dtype=dtype, max_batch_size=max_batch_size,
+                                                max_seq_len=max_seq_len), tokenizer)
+
+
+@pytest.fixture()
+def tiny_engine(tiny_checkpoint):
+    return make_engine(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint():
+    from tide_trt.models.loader import load_checkpoint
+
+    return load_checkpoint("default")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_checkpoint):
+    from tide_trt.models.loader import load_tokenizer
+
+    return load_tokenizer(default_checkpoint.path)
+
+
+@pytest.fixture(scope="session")
+def default_draft_dir() -> Path:
+    from tide_trt.runtime import DEFAULT_DRAFT_DIR
+
+    if not (DEFAULT_DRAFT_DIR / "model.safetensors").is_file():
+        pytest.fail(f"the shipped default draft is missing at {DEFAULT_DRAFT_DIR}")
+    return DEFAULT_DRAFT_DIR
+
+
+def random_prompts(n: int, vocab: int, seed: int, min_len: int = 2, max_len: int = 40) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=gen).tolist()
+    return [torch.randint(3, vocab, (n_,), generator=gen).tolist() for n_ in lengths]

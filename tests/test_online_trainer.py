@@ -1,0 +1,285 @@
+"""Online trainer: the TTT loss and evaluation it uses, rounds that publish only improvements (Algorithm 1),
+state derived from the stores (resume after kill), retention, and the one-trainer lock."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tide_trt.config import EngineConfig, ModelConfig, SignalConfig, TideConfig, TrainerConfig
+from tide_trt.draft.checkpoint import save_draft
+from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
+from tide_trt.engine.hooks import StaticGamma, run_step
+from tide_trt.engine.torch_engine import TorchTargetEngine
+from tide_trt.errors import TideError
+from tide_trt.models.loader import load_checkpoint
+from tide_trt.models.tiny import write_tiny_llama
+from tide_trt.online.adaptation import OnlineAdaptation
+from tide_trt.online.drift import DriftDetector
+from tide_trt.online.refit import RefitWatcher
+from tide_trt.online.signals import ShardInfo, SignalBuffer, read_shard
+from tide_trt.online.store import DraftStore, SignalStore
+from tide_trt.online.trainer import OnlineTrainer, chain_counts, make_chunks, ttt_loss_any_device
+from tide_trt.training.offline import new_head
+from tide_trt.training.ttt import collate, simulated_acceptance, ttt_loss
+from tide_trt.training.vocab import t2d_from_d2t
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these machines are shared; OpenMP spinning on a busy core costs 100x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TorchTargetEngine, Path, Path]:
+    """(model dir, engine, base draft dir, template signal store with 32 captured requests)."""
+    model = write_tiny_llama(tmp_path_factory.mktemp("tiny"))
+    eng = TorchTargetEngine(
+        load_checkpoint(str(model)), EngineConfig(dtype="float32", max_batch_size=8, max_seq_len=256)
+    )
+    torch.manual_seed(0)
+    base = save_draft(new_head(eng, torch.arange(96)), tmp_path_factory.mktemp("base") / "d", {"version": 0})
+    store = tmp_path_factory.mktemp("signals")
+    capture(eng, store, 32, seed=100)
+    return model, eng, base, store
+
+
+def capture(eng: TorchTargetEngine, root: Path, n: int, seed: int, max_new: int = 60) -> None:
+    i = eng.info
+    buf = SignalBuffer(
+        SignalStore(root),
+        ShardInfo(i.fingerprint, i.name, i.capture_layers, i.hidden_size),
+        dtype="float32",
+        shard_tokens=1500,
+    )
+    plugin = OnlineAdaptation(DriftDetector(SignalConfig()), buf, None)
+    gen = SpeculativeGenerator(eng, None, signal_sink=plugin.signal_sink)
+    g = torch.Generator().manual_seed(seed)
+    for b in range(0, n, 8):
+        for j in range(b, min(n, b + 8)):
+            gen.add(
+                GenerationRequest(f"{seed}-{j}", torch.randint(3, 96, (12,), generator=g).tolist(), max_new)
+            )
+        while any(not s.finished for s in gen.sequences.values()):
+            run_step(gen, StaticGamma(0), [plugin])
+        for k in list(gen.sequences):
+            gen.release(k)
+    buf.close()
+
+
+def config(tiny, tmp_path: Path, **trainer) -> TideConfig:
+    model, _, _, template = tiny
+    store = tmp_path / "signals"
+    if not store.exists():
+        shutil.copytree(template, store)
+    tc = dict(
+        drafts_dir=str(tmp_path / "drafts"),
+        min_new_tokens=1000,
+        steps_per_round=150,
+        epochs_per_round=100,
+        lr=3e-3,
+        chunk_len=64,
+        eval_fraction=0.2,
+        poll_seconds=0.05,
+    )
+    tc.update(trainer)
+    cfg = TideConfig(trainer=TrainerConfig(**tc))
+    cfg.model.path = str(model)
+    cfg.signals.store_dir = str(store)
+    return cfg
+
+
+def test_losses_and_evaluation_match_the_training_module(tiny) -> None:
+    _, eng, _, store = tiny
+    seqs = [s for p in SignalStore(store).shard_paths() for s in read_shard(p)[0]][:4]
+    torch.manual_seed(1)
+    head = new_head(eng, torch.arange(0, 96, 2))  # half the vocabulary: some labels fall outside it
+    t2d = t2d_from_d2t(head.d2t, 96)
+    batch = collate(make_chunks(seqs, 64, train_on_prompt=True))
+    batch.hidden = batch.hidden.float()
+    torch.testing.assert_close(ttt_loss_any_device(head, batch, t2d, 3), ttt_loss(head, batch, t2d, 3)[0])
+    acc, trials, chains = chain_counts(head, batch, t2d, 3)
+    ref = simulated_acceptance(head, batch, t2d, 3)
+    # every target label is known here, so the chains are the same; trials add the censoring failures
+    assert chains == ref["chains"] and acc / (chains * 3) == pytest.approx(ref["alpha"])
+    assert acc <= trials <= acc + chains
+
+
+def test_round_publishes_an_improvement_and_consumes_its_shards(tiny, tmp_path) -> None:
+    cfg = config(tiny, tmp_path)
+    trainer = OnlineTrainer(cfg, base_draft=tiny[2])
+    records = []
+    assert trainer.run(once=True, on_round=records.append) == 1
+    (rec,) = records
+    assert rec["deploy"] and rec["version"] == 1 and rec["parent"] == 0 and rec["baseline"] == "parent_eval"
+    assert rec["eval_acceptance"] > rec["parent_eval_acceptance"] + 0.2
+    drafts = DraftStore(cfg.trainer.drafts_dir)
+    assert drafts.versions() == [0, 1] and drafts.current() == 1
+    assert sorted(rec["shards"]) == [p.name for p in SignalStore(cfg.signals.store_dir).shard_paths()]
+    assert trainer.pending() == ([], 0)
+    assert trainer.run(once=True) == 0  # nothing new: no round, nothing published
+    assert len(drafts.rounds()) == 1
+
+
+def test_gate_rejects_without_improvement_and_pauses(tiny, tmp_path) -> None:
+    cfg = config(tiny, tmp_path, steps_per_round=2)
+    cfg.signals.gate_min_gain = 0.99
+    rec = []
+    OnlineTrainer(cfg, base_draft=tiny[2]).run(once=True, on_round=rec.append)
+    assert not rec[0]["deploy"] and rec[0]["pause_collection"] and rec[0]["reason"] == "no_improvement"
+    assert rec[0]["version"] is None and DraftStore(cfg.trainer.drafts_dir).versions() == [0]
+
+
+def write_yaml(cfg: TideConfig, path: Path) -> Path:
+    doc = {
+        "model": {"path": cfg.model.path},
+        "signals": {"store_dir": cfg.signals.store_dir},
+        "trainer": {
+            k: getattr(cfg.trainer, k)
+            for k in (
+                "drafts_dir",
+                "min_new_tokens",
+                "epochs_per_round",
+                "lr",
+                "chunk_len",
+                "eval_fraction",
+                "poll_seconds",
+            )
+        },
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_killed_trainer_leaves_serving_alone_and_restart_resumes(tiny, tmp_path) -> None:
+    _, eng, base, _ = tiny
+    cfg = config(tiny, tmp_path)
+    OnlineTrainer(cfg, base_draft=base).run(once=True)  # v0 (base) + v1 published
+    drafts = DraftStore(cfg.trainer.drafts_dir)
+    assert drafts.versions() == [0, 1]
+    capture(eng, Path(cfg.signals.store_dir), 24, seed=200)  # new traffic
+    pending = {p.name for p in OnlineTrainer(cfg).signals.shard_paths()} - OnlineTrainer(cfg).consumed()
+    yml = write_yaml(cfg, tmp_path / "t.yaml")
+    cmd = [sys.executable, "-m", "tide_trt.cli", "train", "--config", str(yml)]
+    log = tmp_path / "trainer.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            cmd + ["--steps-per-round", "1000000"],
+            stderr=err,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "round: training" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        time.sleep(0.5)  # well inside the (long) training loop
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert drafts.versions() == [0, 1] and len(drafts.rounds()) == 1  # nothing published, nothing consumed
+    # serving is unaffected: it keeps the published version and generates
+    watcher = RefitWatcher(drafts, eng.info, eng.embedding_weight(), poll_seconds=0, background=False)
+    gen = SpeculativeGenerator(eng, None)
+    seq = gen.add(GenerationRequest("s", [5, 6, 7], 8))
+    while not seq.finished:
+        run_step(gen, StaticGamma(2), [watcher])
+    assert gen.drafter.version == 1 and watcher.stats["rejected"] == 0
+    gen.release("s")
+    # restart: the unfinished round is redone on the same shards; published versions are kept
+    done = subprocess.run(
+        cmd + ["--once", "--steps-per-round", "5"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    rounds = drafts.rounds()
+    assert len(rounds) == 2 and set(rounds[-1]["shards"]) == pending
+    assert {0, 1} <= set(drafts.versions())
+
+
+def test_restart_removes_unfinished_versions(tiny, tmp_path) -> None:
+    cfg = config(tiny, tmp_path, min_new_tokens=10**9)
+    OnlineTrainer(cfg, base_draft=tiny[2]).run(once=True)
+    drafts = DraftStore(cfg.trainer.drafts_dir)
+    shutil.copytree(drafts.version_dir(0), drafts.version_dir(1))  # killed between save and manifest line
+    (drafts.root / ".v0002.tmp-x").mkdir()  # killed inside save_draft
+    OnlineTrainer(cfg).run(once=True)
+    assert drafts.dir_versions() == [0] and not list(drafts.root.glob(".v*")) and drafts.next_version() == 1
+
+
+def test_retention_keeps_base_current_and_latest(tiny, tmp_path) -> None:
+    drafts = DraftStore(tmp_path / "d").ensure()
+    head = new_head(tiny[1], torch.arange(96))
+    for v in range(6):
+        save_draft(head, drafts.version_dir(v), {"version": v})
+        drafts.append_manifest({"version": v})
+    drafts.pin(2)
+    assert drafts.prune(keep=2) == [1, 3]
+    assert drafts.versions() == [0, 2, 4, 5] and drafts.current() == 2
+    store = SignalStore(tmp_path / "s")
+    shutil.copytree(tiny[3], store.root)
+    names = [p.name for p in store.shard_paths()]
+    store.prune(keep=1, protect={names[0]})
+    assert [p.name for p in store.shard_paths()] == [names[0], names[-1]]
+
+
+def test_only_one_trainer_per_store(tiny, tmp_path) -> None:
+    drafts = DraftStore(tmp_path)
+    with drafts.trainer_lock(), pytest.raises(TideError, match="another trainer"), drafts.trainer_lock():
+        pass
+
+
+def test_default_model_round(tmp_path) -> None:
+    """Real default model: two short captured chats, one (tiny) round on the trainer side."""
+    eng = TorchTargetEngine.from_config(ModelConfig(), EngineConfig(max_batch_size=2, max_seq_len=96))
+    capture_cfg = {"n": 4, "max_new": 12}
+    i = eng.info
+    buf = SignalBuffer(
+        SignalStore(tmp_path / "signals"), ShardInfo(i.fingerprint, i.name, i.capture_layers, i.hidden_size)
+    )
+    plugin = OnlineAdaptation(DriftDetector(SignalConfig()), buf, None)
+    gen = SpeculativeGenerator(eng, None, signal_sink=plugin.signal_sink)
+    for j, text in enumerate(["Name a color.", "Say hi."] * (capture_cfg["n"] // 2)):
+        ids = eng.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True
+        )
+        seq = gen.add(
+            GenerationRequest(
+                f"r{j}", list(ids["input_ids"] if hasattr(ids, "keys") else ids), capture_cfg["max_new"]
+            )
+        )
+        while not seq.finished:
+            run_step(gen, StaticGamma(0), [plugin])
+        gen.release(seq.request.request_id)
+    buf.close()
+    torch.manual_seed(0)
+    base = save_draft(new_head(eng, torch.arange(2048)), tmp_path / "base", {"version": 0})
+    cfg = TideConfig(
+        trainer=TrainerConfig(
+            drafts_dir=str(tmp_path / "drafts"),
+            min_new_tokens=20,
+            steps_per_round=2,
+            chunk_len=32,
+            eval_fraction=0.3,
+        )
+    )
+    cfg.signals.store_dir = str(tmp_path / "signals")
+    cfg.engine.max_seq_len = 96
+    rec = []
+    OnlineTrainer(cfg, base_draft=base).run(once=True, on_round=rec.append)
+    assert len(rec) == 1 and 1 <= rec[0]["training"]["steps"] <= 2 and rec[0]["data"]["train_sequences"] >= 1

@@ -1,0 +1,291 @@
+"""Refit: published versions are adopted between steps without touching the target; greedy output stays
+token-identical while refits happen mid-batch; bad versions are rejected; pins roll back."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tide_trt.config import EngineConfig, ModelConfig, SignalConfig, TideConfig, TrainerConfig
+from tide_trt.draft.checkpoint import save_draft
+from tide_trt.draft.drafter import ChainDrafter
+from tide_trt.draft.eagle3 import Eagle3Head
+from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
+from tide_trt.engine.hooks import StaticGamma, run_step
+from tide_trt.engine.torch_engine import TorchTargetEngine
+from tide_trt.models.loader import load_checkpoint
+from tide_trt.models.tiny import write_tiny_llama
+from tide_trt.online.adaptation import OnlineAdaptation, build_online_plugins
+from tide_trt.online.drift import DriftDetector
+from tide_trt.online.refit import RefitWatcher
+from tide_trt.online.signals import ShardInfo, SignalBuffer, read_shard
+from tide_trt.online.store import DraftStore, SignalStore
+from tide_trt.online.trainer import fit, make_chunks
+from tide_trt.training.offline import new_head
+from tide_trt.training.vocab import t2d_from_d2t
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: these machines are shared; OpenMP spinning on a busy core costs 100x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> TorchTargetEngine:
+    d = write_tiny_llama(tmp_path_factory.mktemp("tiny"))
+    return TorchTargetEngine(
+        load_checkpoint(str(d)), EngineConfig(dtype="float32", max_batch_size=8, max_seq_len=256)
+    )
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(3, 96, (int(k),), generator=g).tolist() for k in torch.randint(3, 30, (n,), generator=g)
+    ]
+
+
+def random_head(engine: TorchTargetEngine, seed: int) -> Eagle3Head:
+    torch.manual_seed(seed)
+    return new_head(engine, torch.arange(96))
+
+
+@pytest.fixture(scope="module")
+def trained_head(engine: TorchTargetEngine, tmp_path_factory: pytest.TempPathFactory) -> Eagle3Head:
+    """A head fitted to the tiny target's greedy outputs (captured by plain decoding)."""
+    root = tmp_path_factory.mktemp("signals")
+    i = engine.info
+    buf = SignalBuffer(
+        SignalStore(root), ShardInfo(i.fingerprint, i.name, i.capture_layers, i.hidden_size), dtype="float32"
+    )
+    plugin = OnlineAdaptation(DriftDetector(SignalConfig()), buf, None)
+    gen = SpeculativeGenerator(engine, None, signal_sink=plugin.signal_sink)
+    for batch in range(4):
+        for j, p in enumerate(prompts(8, 100 + batch)):
+            gen.add(GenerationRequest(f"{batch}-{j}", p, 60))
+        while any(not s.finished for s in gen.sequences.values()):
+            run_step(gen, StaticGamma(0), [plugin])
+        for k in list(gen.sequences):
+            gen.release(k)
+    buf.close()
+    seqs = [s for p in SignalStore(root).shard_paths() for s in read_shard(p)[0]]
+    head = random_head(engine, 0)
+    tc = TrainerConfig(steps_per_round=150, epochs_per_round=100, lr=3e-3, chunk_len=64, autocast=False)
+    fit(head, make_chunks(seqs, tc.chunk_len, False), t2d_from_d2t(head.d2t, 96), tc)
+    return head
+
+
+def publish(store: DraftStore, head: Eagle3Head, version: int) -> Path:
+    path = save_draft(head, store.version_dir(version), {"version": version})
+    store.append_manifest({"version": version, "parent": version - 1 if version else None})
+    return path
+
+
+def run(
+    engine: TorchTargetEngine,
+    drafter: ChainDrafter | None,
+    ps: list[list[int]],
+    gamma: int,
+    plugins: list,
+    max_new: int = 40,
+    on_step=None,
+) -> tuple[dict[str, list[int]], float]:
+    gen = SpeculativeGenerator(engine, drafter)
+    for j, p in enumerate(ps):
+        gen.add(GenerationRequest(str(j), p, max_new))
+    step = 0
+    while any(not s.finished for s in gen.sequences.values()):
+        if on_step is not None:
+            on_step(step)
+        run_step(gen, StaticGamma(gamma), plugins)
+        step += 1
+    out = {k: s.output_ids for k, s in gen.sequences.items()}
+    tau = sum(s.mean_accepted_len for s in gen.sequences.values()) / len(gen.sequences)
+    for k in list(gen.sequences):
+        gen.release(k)
+    return out, tau
+
+
+def drafter_for(engine: TorchTargetEngine, head: Eagle3Head, version: int = 0) -> ChainDrafter:
+    return ChainDrafter(head, 8, 256, torch.float32, "cpu", version=version)
+
+
+def snapshot(engine: TorchTargetEngine) -> list[tuple[int, torch.Tensor]]:
+    return [(p.data_ptr(), p.detach().clone()) for p in engine.target_parameters()]
+
+
+def assert_target_untouched(engine: TorchTargetEngine, before: list[tuple[int, torch.Tensor]]) -> None:
+    after = engine.target_parameters()
+    assert len(after) == len(before)
+    for (ptr, val), p in zip(before, after):
+        assert p.data_ptr() == ptr and torch.equal(p, val)
+
+
+def test_published_version_is_used_without_reloading_the_target(engine, trained_head, tmp_path) -> None:
+    store = DraftStore(tmp_path).ensure()
+    base = random_head(engine, 0)
+    publish(store, base, 0)
+    watcher = RefitWatcher(store, engine.info, engine.embedding_weight(), poll_seconds=0, background=False)
+    drafter = drafter_for(engine, base)
+    before = snapshot(engine)
+    ps = prompts(4, 7)
+    _, tau0 = run(engine, drafter, ps, 3, [watcher])
+    publish(store, trained_head, 1)
+    _, tau1 = run(engine, drafter, ps, 3, [watcher])
+    assert drafter.version == 1 and watcher.stats["refits"] == 1
+    assert drafter.head.embed is engine.embedding_weight()  # shared, not copied
+    assert tau1 > tau0 + 0.3, (tau0, tau1)
+    assert_target_untouched(engine, before)
+
+
+def test_greedy_output_identical_while_refits_happen_mid_batch(engine, trained_head, tmp_path) -> None:
+    ps = prompts(4, 8)
+    plain, _ = run(engine, None, ps, 0, [])
+    store = DraftStore(tmp_path).ensure()
+    publish(store, random_head(engine, 1), 0)
+    cfg = TideConfig(signals=SignalConfig(enabled=False), trainer=TrainerConfig(drafts_dir=str(tmp_path)))
+    cfg.serving.refit_poll_seconds = 0
+    drafter = drafter_for(engine, random_head(engine, 1))
+    gen_probe = SpeculativeGenerator(engine, drafter)
+    (plugin,) = build_online_plugins(cfg, engine, gen_probe, background=False)
+    heads = {3: trained_head, 9: random_head(engine, 2), 15: trained_head}
+
+    def on_step(step: int) -> None:
+        if step in heads:
+            publish(store, heads[step], store.next_version())
+
+    before = snapshot(engine)
+    spec, _ = run(engine, drafter, ps, 3, [plugin], on_step=on_step)
+    assert spec == plain
+    assert plugin.watcher.stats["refits"] == 3 and drafter.version == 3
+    assert_target_untouched(engine, before)
+    plugin.close()
+
+
+def corrupt(path: Path) -> None:
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def nan_weights(path: Path) -> None:
+    t = load_file(str(path / "model.safetensors"))
+    t["fc.weight"][0, 0] = float("nan")
+    save_file(t, str(path / "model.safetensors"), metadata={"format": "tide-eagle3-v1"})
+
+
+def wrong_shapes(path: Path) -> None:
+    t = load_file(str(path / "model.safetensors"))
+    t["o.weight"] = torch.zeros(t["o.weight"].shape[0], t["o.weight"].shape[1] + 1)
+    save_file(t, str(path / "model.safetensors"), metadata={"format": "tide-eagle3-v1"})
+
+
+def wrong_fingerprint(path: Path) -> None:
+    doc = json.loads((path / "config.json").read_text())
+    doc["architecture"]["model_fingerprint"] = "0000000000000000"
+    (path / "config.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("damage", [corrupt, nan_weights, wrong_shapes, wrong_fingerprint])
+def test_bad_versions_are_rejected_and_serving_continues(engine, tmp_path, damage) -> None:
+    store = DraftStore(tmp_path).ensure()
+    base = random_head(engine, 0)
+    publish(store, base, 0)
+    watcher = RefitWatcher(store, engine.info, engine.embedding_weight(), poll_seconds=0, background=False)
+    drafter = drafter_for(engine, base)
+    damage(publish(store, random_head(engine, 3), 1))
+    ps = prompts(2, 9)
+    plain, _ = run(engine, None, ps, 0, [], max_new=12)
+    out, _ = run(engine, drafter, ps, 3, [watcher], max_new=12)
+    assert out == plain and drafter.version == 0
+    assert watcher.stats["rejected"] == 1 and 1 in watcher.rejected()  # counted once, not retried per step
+    assert watcher.metrics()["refit_rejected"] == 1.0
+    publish(store, random_head(engine, 4), 2)  # a good newer version is still adopted
+    run(engine, drafter, ps, 3, [watcher], max_new=4)
+    assert drafter.version == 2
+
+
+def test_pin_rolls_back_and_unpin_follows_latest(engine, trained_head, tmp_path) -> None:
+    store = DraftStore(tmp_path).ensure()
+    publish(store, random_head(engine, 0), 0)
+    publish(store, trained_head, 1)
+    watcher = RefitWatcher(store, engine.info, engine.embedding_weight(), poll_seconds=0, background=False)
+    drafter = drafter_for(engine, random_head(engine, 0))
+    ps = prompts(2, 10)
+    run(engine, drafter, ps, 3, [watcher], max_new=4)
+    assert drafter.version == 1
+    store.pin(0)
+    run(engine, drafter, ps, 3, [watcher], max_new=4)
+    assert drafter.version == 0
+    store.unpin()
+    run(engine, drafter, ps, 3, [watcher], max_new=4)
+    assert drafter.version == 1
+
+
+def test_background_watcher_loads_off_the_step_path(engine, tmp_path) -> None:
+    store = DraftStore(tmp_path).ensure()
+    publish(store, random_head(engine, 0), 0)
+    watcher = RefitWatcher(store, engine.info, engine.embedding_weight(), poll_seconds=0.02, background=True)
+    gen = SpeculativeGenerator(engine, drafter_for(engine, random_head(engine, 0)))
+    watcher.before_step(gen)  # starts the thread
+    publish(store, random_head(engine, 5), 1)
+    deadline = time.monotonic() + 20
+    while gen.drafter.version != 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        watcher.before_step(gen)  # only swaps a head the thread already validated
+    assert gen.drafter.version == 1 and watcher.stats["last_load_s"] > 0
+    watcher.close()
+
+
+def test_round_decisions_pause_collection(engine, tmp_path) -> None:
+    cfg = TideConfig(trainer=TrainerConfig(drafts_dir=str(tmp_path / "drafts")))
+    cfg.signals.store_dir = str(tmp_path / "signals")
+    cfg.serving.refit_poll_seconds = 0
+    gen = SpeculativeGenerator(engine, None)
+    (plugin,) = build_online_plugins(cfg, engine, gen, background=False)
+    assert gen.signal_sink is not None and plugin.detector.collection_enabled  # cold start collects
+    DraftStore(tmp_path / "drafts").append_round(
+        {"round": 1, "deploy": False, "pause_collection": True, "reason": "no_improvement"}
+    )
+    plugin.before_step(gen)
+    assert not plugin.detector.collection_enabled and plugin.rounds_applied == 1
+    plugin.close()
+
+
+def test_default_model_refit_mid_request(tmp_path) -> None:
+    """Real default model (bf16): a refit in the middle of a request; output = plain decoding, target intact."""
+    eng = TorchTargetEngine.from_config(ModelConfig(), EngineConfig(max_batch_size=1, max_seq_len=96))
+    ids = eng.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hello."}], tokenize=True, add_generation_prompt=True
+    )
+    ps = [list(ids["input_ids"] if hasattr(ids, "keys") else ids)]
+    plain, _ = run(eng, None, ps, 0, [], max_new=10)
+    store = DraftStore(tmp_path).ensure()
+    d2t = torch.arange(4096)
+    torch.manual_seed(0)
+    publish(store, new_head(eng, d2t), 0)
+    watcher = RefitWatcher(store, eng.info, eng.embedding_weight(), poll_seconds=0, background=False)
+    torch.manual_seed(0)
+    drafter = ChainDrafter(new_head(eng, d2t), 1, 96, torch.bfloat16, "cpu")
+    before = snapshot(eng)
+    torch.manual_seed(1)
+    v1 = new_head(eng, d2t)
+    spec, _ = run(
+        eng,
+        drafter,
+        ps,
+        2,
+        [watcher],
+        max_new=10,
+        on_step=lambda s: publish(store, v1, 1) if s == 2 else None,
+    )
+    assert spec == plain and drafter.version == 1
+    assert_target_untouched(eng, before)

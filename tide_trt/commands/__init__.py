@@ -1,0 +1,1 @@
+"""Subcommands of the `tide` CLI (one module each, `register(subparsers)`)."""

@@ -1,0 +1,76 @@
+"""`tide generate`: one prompt through the engine, plain (ar) or speculative (spec)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tide_trt.commands.common import add_config_args, config_from_args
+from tide_trt.errors import TideError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text for one prompt")
+    add_config_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--mode", choices=["ar", "spec"], default="spec")
+    p.add_argument("--draft", help="draft checkpoint dir (default: the shipped draft)")
+    p.add_argument("--gamma", type=int, default=None, help="draft length γ (1..8, default from config: 3)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tide_trt.runtime import (GAMMA_MAX, GAMMA_MIN, build_drafter, build_engine, encode_prompt, make_request,
+                                  resolve_draft_path, run_to_completion)
+    from tide_trt.engine.generator import SpeculativeGenerator
+    from tide_trt.spec.sampling import SamplingParams
+
+    if not args.prompt.strip():
+        raise TideError("prompt is empty")
+    if args.max_tokens < 1:
+        raise TideError("--max-tokens must be >= 1")
+    cfg = config_from_args(args)
+    gamma = cfg.draft.gamma if args.gamma is None else args.gamma
+    if args.mode == "spec" and not GAMMA_MIN <= gamma <= GAMMA_MAX:
+        raise TideError(f"--gamma must be in [{GAMMA_MIN}, {GAMMA_MAX}], got {gamma}")
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    sampling.validate()
+    draft_path = None
+    if args.mode == "spec":
+        draft_path = resolve_draft_path(args.draft or cfg.draft.path)
+        if draft_path is None:
+            raise TideError("--mode spec needs a draft (--draft DIR)")
+        from tide_trt.draft.checkpoint import read_draft_config
+
+        read_draft_config(draft_path)  # fail fast on an unreadable draft before loading the target
+    cfg.engine.max_batch_size = 1
+    engine = build_engine(cfg)
+    drafter = build_drafter(engine, draft_path) if draft_path else None
+    prompt_ids = encode_prompt(engine.tokenizer, args.prompt, chat=not args.raw)
+    cfg.engine.max_seq_len = max(cfg.engine.max_seq_len, len(prompt_ids) + args.max_tokens + 16)
+    gen = SpeculativeGenerator(engine, drafter)
+    req = make_request("cli", prompt_ids, args.max_tokens, sampling, engine.info.eos_token_ids)
+    result = run_to_completion(gen, [req], gamma if drafter else 0)
+    seq = result.sequences[0]
+    ids = seq.output_ids
+    text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+    if args.json:
+        out = {
+            "text": text, "token_ids": ids, "num_output_tokens": len(ids), "num_prompt_tokens": len(prompt_ids),
+            "seconds": result.seconds, "tokens_per_s": len(ids) / result.seconds if result.seconds else 0.0,
+            "mean_accepted_len": seq.mean_accepted_len if drafter else 1.0, "mode": args.mode,
+            "gamma": gamma if drafter else 0, "finish_reason": seq.finish_reason,
+            "acceptance_rate": seq.accepted_tokens / seq.draft_tokens if seq.draft_tokens else 0.0,
+            "draft_version": drafter.version if drafter else None,
+        }
+        print(json.dumps(out))
+    else:
+        print(text)
+    return 0

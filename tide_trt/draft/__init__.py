@@ -1,0 +1,1 @@
+"""EAGLE-3 draft: head, checkpoints, chain drafter."""

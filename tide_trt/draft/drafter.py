@@ -1,0 +1,122 @@
+"""Chain drafter: runs the EAGLE-3 head over its own KV cache to propose γ tokens per sequence.
+
+Per sequence the drafter keeps `cached` = number of true entries in its KV cache. A proposal first catches
+up on the pending true entries (target capture states of positions cached..P with their next tokens), then
+chains γ-1 single-token steps feeding its own output hidden back. Chained entries are never committed: the
+next proposal overwrites them (rollback is a length, as in the target cache).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from tide_trt.draft.eagle3 import Eagle3Head
+from tide_trt.engine.kv_cache import KVCache
+from tide_trt.spec.sampling import logits_to_probs, sample_from_probs
+
+
+@dataclass
+class DraftProposal:
+    tokens: torch.Tensor  # [B, gamma] int64 target-vocabulary ids
+    probs: torch.Tensor | None  # [B, gamma, V] float32 over the target vocabulary (stochastic batches only)
+
+
+@dataclass
+class DraftSampling:
+    """Per-row sampling parameters for a stochastic batch (None for an all-greedy batch)."""
+
+    temperature: torch.Tensor  # [B]
+    top_p: torch.Tensor  # [B]
+    top_k: torch.Tensor  # [B]
+    generators: list[torch.Generator | None]
+
+
+class ChainDrafter:
+    def __init__(self, head: Eagle3Head, max_slots: int, max_seq_len: int, dtype: torch.dtype, device: str,
+                 version: int = 0):
+        self.dtype = dtype
+        self.device = device
+        self.max_seq_len = max_seq_len
+        c = head.cfg
+        self.cache = KVCache(1, max_slots, c.num_kv_heads, max_seq_len + 16, c.head_dim, dtype, device)
+        self.cached = [0] * max_slots
+        self.head = self._serving_copy(head)
+        self.version = version
+
+    def _serving_copy(self, head: Eagle3Head) -> Eagle3Head:
+        embed = head.embed
+        head.embed = None
+        served = copy.deepcopy(head)
+        head.embed = embed
+        served.embed = embed
+        served.to(device=self.device, dtype=self.dtype)
+        served.d2t = served.d2t.long()
+        served.requires_grad_(False).eval()
+        return served
+
+    @property
+    def cfg(self):
+        return self.head.cfg
+
+    def swap(self, head: Eagle3Head, version: int) -> None:
+        """Refit: install new weights. The KV cache of in-flight sequences is stale, so every slot is reset
+        (callers re-feed the sequence's stored capture states)."""
+        self.head = self._serving_copy(head)
+        self.version = version
+        self.cached = [0] * len(self.cached)
+
+    def reset_slot(self, slot: int) -> None:
+        self.cached[slot] = 0
+
+    @torch.inference_mode()
+    def propose(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]],
+                gamma: int, sampling: DraftSampling | None) -> DraftProposal:
+        """pending_hidden[b] [m_b, C, H] / pending_tokens[b] (m_b ids): the true entries not yet cached."""
+        head = self.head
+        dev = self.device
+        bsz = len(slots)
+        counts = [len(t) for t in pending_tokens]
+        width = max(counts)
+        c_h = pending_hidden[0].shape[-2:]
+        feats = torch.zeros((bsz, width, *c_h), dtype=self.dtype, device=dev)  # [B, W, C, H]
+        toks = torch.zeros((bsz, width), dtype=torch.long, device=dev)  # [B, W]
+        for b, (h, t) in enumerate(zip(pending_hidden, pending_tokens)):
+            feats[b, : len(t)] = h.to(device=dev, dtype=self.dtype)
+            toks[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        starts = torch.tensor([self.cached[s] for s in slots], dtype=torch.long, device=dev)  # [B]
+        last = torch.tensor([n - 1 for n in counts], dtype=torch.long, device=dev)  # [B]
+        feature = head.fuse(feats)  # [B, W, H]
+        hidden, logits = head.step(self.cache, slot_t, feature, toks, starts, last)  # [B, H], [B, Vd]
+        for s, n in zip(slots, counts):
+            self.cached[s] += n
+        pos = starts + last + 1  # position of the next (chained) entry
+        out_tokens, out_probs = [], []
+        zero = torch.zeros(bsz, dtype=torch.long, device=dev)
+        for j in range(gamma):
+            draft_ids, probs = self._pick(logits, sampling)  # [B] target ids, [B, V] or None
+            out_tokens.append(draft_ids)
+            if probs is not None:
+                out_probs.append(probs)
+            if j == gamma - 1:
+                break
+            hidden, logits = head.step(self.cache, slot_t, hidden[:, None], draft_ids[:, None], pos, zero)
+            pos = pos + 1
+        tokens = torch.stack(out_tokens, dim=1)  # [B, gamma]
+        probs = torch.stack(out_probs, dim=1) if out_probs else None  # [B, gamma, V]
+        return DraftProposal(tokens, probs)
+
+    def _pick(self, logits: torch.Tensor, sampling: DraftSampling | None):
+        """logits [B, Vd] -> (target ids [B], probs over target vocab [B, V] or None)."""
+        d2t = self.head.d2t
+        if sampling is None:
+            return d2t[logits.argmax(-1)], None
+        probs_d = logits_to_probs(logits, sampling.temperature, sampling.top_p, sampling.top_k)  # [B, Vd]
+        ids_d = sample_from_probs(probs_d, sampling.generators)  # [B]
+        full = torch.zeros(logits.shape[0], self.head.cfg.target_vocab_size, dtype=torch.float32,
+                           device=logits.device)  # [B, V]
+        full[:, d2t] = probs_d
+        return d2t[ids_d], full

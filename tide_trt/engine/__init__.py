@@ -1,0 +1,1 @@
+"""Target engines: one interface (TargetEngine), backends `torch` (reference, CPU/CUDA) and `trtllm`."""

@@ -1,0 +1,235 @@
+"""The speculative step loop over a running batch: prefill new sequences, then one draft -> verify round.
+
+This is the engine core every front end drives (CLI, Triton scheduler, benchmarks). Each `step(gamma)`:
+  1. prefills sequences that joined since the last step (their first token is sampled from the target);
+  2. for running sequences: the drafter proposes γ tokens (γ = 0 -> plain decoding, no draft cost), the target
+     verifies [pending, d_1..d_γ] in one forward pass returning logits and capture-layer hidden states,
+     verification keeps accepted + recovered/bonus tokens, the target KV cache is rolled back to the kept
+     prefix, and the hidden states of committed positions go to the signal sink (TIDE's training data).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tide_trt.draft.drafter import ChainDrafter, DraftSampling
+from tide_trt.engine.base import TargetEngine
+from tide_trt.errors import RequestError
+from tide_trt.spec.sampling import SamplingParams, logits_to_probs, make_generator, sample_from_probs
+from tide_trt.spec.verify import mixed_verify
+
+log = logging.getLogger(__name__)
+
+# (request_id, first position, hidden [n, C, H], token ids [n] at those positions, is_prompt)
+SignalSink = Callable[[str, int, torch.Tensor, list[int], bool], None]
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class SequenceState:
+    request: GenerationRequest
+    slot: int
+    generator: torch.Generator | None
+    tokens: list[int]  # prompt + output; the last one is pending (not yet in the target cache)
+    num_prompt: int
+    prefilled: bool = False
+    finished: bool = False
+    finish_reason: str | None = None
+    steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
+
+    @property
+    def mean_accepted_len(self) -> float:
+        """τ: output tokens per verification step (the prefill's first token excluded)."""
+        return (len(self.output_ids) - 1) / self.steps if self.steps else 1.0
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: str | None
+    num_draft: int
+    num_accepted: int
+
+
+class SpeculativeGenerator:
+    def __init__(self, engine: TargetEngine, drafter: ChainDrafter | None = None,
+                 signal_sink: SignalSink | None = None):
+        self.engine = engine
+        self.drafter = drafter
+        self.signal_sink = signal_sink
+        info = engine.info
+        self.sequences: dict[str, SequenceState] = {}
+        # capture-layer states of every cached target position, per slot (draft catch-up and refit re-feed)
+        self.history = torch.zeros(info.max_batch_size, info.max_seq_len, len(info.capture_layers),
+                                   info.hidden_size, dtype=torch.bfloat16 if info.dtype != "float32"
+                                   else torch.float32, device=info.device)  # [S, L, C, H]
+
+    # ---- admission ----------------------------------------------------------------------------------------
+    def add(self, req: GenerationRequest) -> SequenceState:
+        info = self.engine.info
+        req.sampling.validate()
+        if not req.prompt_ids:
+            raise RequestError("prompt is empty")
+        if req.max_new_tokens < 1:
+            raise RequestError("max_new_tokens must be >= 1")
+        if len(req.prompt_ids) + 1 > info.max_seq_len:
+            raise RequestError(f"prompt has {len(req.prompt_ids)} tokens; the context limit is {info.max_seq_len}")
+        if any(not 0 <= t < info.vocab_size for t in req.prompt_ids):
+            raise RequestError("prompt token id outside the vocabulary")
+        if req.request_id in self.sequences:
+            raise RequestError(f"duplicate request id {req.request_id!r}")
+        slot = self.engine.allocate_slot()
+        if self.drafter is not None:
+            self.drafter.reset_slot(slot)
+        seq = SequenceState(req, slot, make_generator(req.sampling), list(req.prompt_ids), len(req.prompt_ids))
+        self.sequences[req.request_id] = seq
+        return seq
+
+    def release(self, request_id: str) -> SequenceState | None:
+        """Drop a sequence (finished or cancelled) and free its KV slot."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None:
+            self.engine.free_slot(seq.slot)
+        return seq
+
+    @property
+    def num_active(self) -> int:
+        return len(self.sequences)
+
+    # ---- one engine step ----------------------------------------------------------------------------------
+    def step(self, gamma: int) -> list[StepEvent]:
+        events: list[StepEvent] = []
+        new = [s for s in self.sequences.values() if not s.prefilled and not s.finished]
+        if new:
+            events.extend(self._prefill(new))
+        running = [s for s in self.sequences.values() if s.prefilled and not s.finished and s not in new]
+        if running:
+            gamma = self._cap_gamma(running, gamma)
+            if gamma > 0 and self.drafter is not None:
+                events.extend(self._speculate(running, gamma))
+            else:
+                events.extend(self._plain(running))
+        return events
+
+    def _cap_gamma(self, running: list[SequenceState], gamma: int) -> int:
+        room = min(self.engine.info.max_seq_len - len(s.tokens) for s in running)  # verify needs gamma+1
+        return max(0, min(gamma, room))
+
+    def _prefill(self, seqs: list[SequenceState]) -> list[StepEvent]:
+        out = self.engine.forward([s.slot for s in seqs], [s.tokens for s in seqs], logits="last")
+        first = self._sample_rows(out.logits[:, 0], seqs)  # [B]
+        events = []
+        for b, s in enumerate(seqs):
+            n = len(s.tokens)
+            self._record(s, 0, out.hidden[b, :n], s.tokens[:n], is_prompt=True)
+            s.prefilled = True
+            events.append(self._commit(s, [int(first[b])], 0, 0))
+        return events
+
+    def _plain(self, seqs: list[SequenceState]) -> list[StepEvent]:
+        starts = [len(s.tokens) - 1 for s in seqs]
+        out = self.engine.forward([s.slot for s in seqs], [[s.tokens[-1]] for s in seqs], logits="last")
+        nxt = self._sample_rows(out.logits[:, 0], seqs)
+        events = []
+        for b, s in enumerate(seqs):
+            self._record(s, starts[b], out.hidden[b, :1], [s.tokens[-1]], is_prompt=False)
+            s.steps += 1
+            events.append(self._commit(s, [int(nxt[b])], 0, 0))
+        return events
+
+    def _speculate(self, seqs: list[SequenceState], gamma: int) -> list[StepEvent]:
+        drafter = self.drafter
+        slots = [s.slot for s in seqs]
+        pend_h, pend_t = [], []
+        for s in seqs:
+            lo, hi = drafter.cached[s.slot], len(s.tokens) - 1  # true entries lo..hi-1 not yet in draft cache
+            pend_h.append(self.history[s.slot, lo:hi])  # [m, C, H]
+            pend_t.append(s.tokens[lo + 1: hi + 1])
+        sampling = self._draft_sampling(seqs)
+        proposal = drafter.propose(slots, pend_h, pend_t, gamma, sampling)
+        chunks = [[s.tokens[-1]] + row for s, row in zip(seqs, proposal.tokens.tolist())]
+        starts = [len(s.tokens) - 1 for s in seqs]
+        out = self.engine.forward(slots, chunks, logits="all")  # logits [B, gamma+1, V]
+        if sampling is None:
+            temp = top_p = top_k = torch.zeros(len(seqs))
+            gens: list = [None] * len(seqs)
+        else:
+            temp, top_p, top_k, gens = sampling.temperature, sampling.top_p, sampling.top_k, sampling.generators
+        result = mixed_verify(proposal.tokens, proposal.probs, out.logits, temp, top_p, top_k, gens)
+        events = []
+        for b, s in enumerate(seqs):
+            k = int(result.num_accepted[b])
+            n_out = int(result.num_output[b])
+            self.engine.truncate(s.slot, starts[b] + k + 1)  # keep pending + accepted drafts
+            self._record(s, starts[b], out.hidden[b, : k + 1], chunks[b][: k + 1], is_prompt=False)
+            s.steps += 1
+            s.draft_tokens += gamma
+            s.accepted_tokens += k
+            events.append(self._commit(s, result.output_ids[b, :n_out].tolist(), gamma, k))
+        return events
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def _record(self, s: SequenceState, start: int, hidden: torch.Tensor, token_ids: list[int],
+                is_prompt: bool) -> None:
+        """Keep capture states of committed positions [start, start+n) and hand them to the signal sink."""
+        n = hidden.shape[0]
+        self.history[s.slot, start:start + n] = hidden.to(self.history.dtype)
+        if self.signal_sink is not None:
+            try:
+                self.signal_sink(s.request.request_id, start, hidden, token_ids, is_prompt)
+            except Exception:  # the sink must never break serving
+                log.exception("signal sink failed; continuing")
+
+    def _commit(self, s: SequenceState, new_ids: list[int], num_draft: int, num_accepted: int) -> StepEvent:
+        """Append output tokens, honouring stop tokens, max_new_tokens and the context limit."""
+        req = s.request
+        kept = []
+        for t in new_ids:
+            kept.append(t)
+            if t in req.stop_token_ids:
+                s.finished, s.finish_reason = True, "stop"
+                break
+            if len(s.output_ids) + len(kept) >= req.max_new_tokens:
+                s.finished, s.finish_reason = True, "length"
+                break
+        s.tokens.extend(kept)
+        if not s.finished and len(s.tokens) >= self.engine.info.max_seq_len:
+            s.finished, s.finish_reason = True, "context"
+        return StepEvent(req.request_id, tuple(kept), s.finished, s.finish_reason, num_draft, num_accepted)
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
+        """logits [B, V] -> next token [B] with each sequence's own sampling parameters."""
+        if all(s.request.sampling.is_greedy for s in seqs):
+            return logits.argmax(-1)
+        p = [s.request.sampling for s in seqs]
+        probs = logits_to_probs(logits, torch.tensor([x.temperature for x in p]),
+                                torch.tensor([x.top_p for x in p]), torch.tensor([x.top_k for x in p]))
+        return sample_from_probs(probs, [s.generator for s in seqs])
+
+    def _draft_sampling(self, seqs: list[SequenceState]) -> DraftSampling | None:
+        if all(s.request.sampling.is_greedy for s in seqs):
+            return None
+        p = [s.request.sampling for s in seqs]
+        return DraftSampling(torch.tensor([x.temperature for x in p], dtype=torch.float32),
+                             torch.tensor([x.top_p for x in p], dtype=torch.float32),
+                             torch.tensor([x.top_k for x in p], dtype=torch.long), [s.generator for s in seqs])

@@ -1,0 +1,65 @@
+"""Step plugins: how online adaptation, the controller and metrics attach to the engine loop.
+
+The scheduler (serving) or a benchmark loop calls, around every `SpeculativeGenerator.step`:
+    gamma = policy.choose_gamma(active_request_ids)
+    for p in plugins: p.before_step(generator)        # e.g. refit: swap draft weights between steps
+    events = generator.step(gamma)
+    for p in plugins: p.after_step(generator, gamma, events, seconds)
+    for each finished sequence: p.on_finish(seq) (before the slot is released)
+`metrics()` returns flat name -> value pairs for Prometheus and server stats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from tide_trt.engine.generator import SequenceState, SpeculativeGenerator, StepEvent
+
+
+class StepPlugin(Protocol):
+    def before_step(self, generator: SpeculativeGenerator) -> None: ...
+
+    def after_step(self, generator: SpeculativeGenerator, gamma: int, events: Sequence[StepEvent],
+                   seconds: float) -> None: ...
+
+    def on_finish(self, seq: SequenceState) -> None: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+
+class GammaPolicy(Protocol):
+    def choose_gamma(self, request_ids: Sequence[str]) -> int: ...
+
+
+class StaticGamma:
+    """Fixed draft length (γ = 0 means plain decoding)."""
+
+    def __init__(self, gamma: int):
+        self.gamma = gamma
+
+    def choose_gamma(self, request_ids: Sequence[str]) -> int:
+        return self.gamma
+
+
+def run_step(generator: SpeculativeGenerator, policy: GammaPolicy, plugins: Sequence[StepPlugin]
+             ) -> tuple[int, list[StepEvent], float]:
+    """One engine step with plugins around it. Returns (gamma, events, seconds)."""
+    import time
+
+    active = [rid for rid, s in generator.sequences.items() if not s.finished]
+    gamma = policy.choose_gamma(active) if generator.drafter is not None else 0
+    for p in plugins:
+        p.before_step(generator)
+    t0 = time.perf_counter()
+    events = generator.step(gamma)
+    seconds = time.perf_counter() - t0
+    for p in plugins:
+        p.after_step(generator, gamma, events, seconds)
+    for ev in events:
+        if ev.finished:
+            seq = generator.sequences.get(ev.request_id)
+            if seq is not None:
+                for p in plugins:
+                    p.on_finish(seq)
+    return gamma, events, seconds

@@ -1,0 +1,122 @@
+"""PyTorch backend of TargetEngine: the reference engine on CPU or CUDA."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tide_trt.config import EngineConfig, ModelConfig
+from tide_trt.engine.base import ForwardOutput, ModelInfo, TargetEngine, default_capture_layers
+from tide_trt.engine.kv_cache import KVCache
+from tide_trt.errors import TideError
+from tide_trt.models.llama import LlamaModel, LlamaWeights
+from tide_trt.models.loader import LoadedCheckpoint, load_checkpoint, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise TideError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class TorchTargetEngine(TargetEngine):
+    def __init__(self, ckpt: LoadedCheckpoint, cfg: EngineConfig, tokenizer: object | None = None):
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise TideError(f"engine.device={cfg.device} but CUDA is not available")
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        arch = ckpt.arch
+        dtype = parse_dtype(cfg.dtype)
+        capture = tuple(cfg.capture_layers) if cfg.capture_layers else default_capture_layers(arch.num_layers)
+        if len(capture) != 3 or any(not 0 <= c <= arch.num_layers for c in capture):
+            raise TideError(f"capture_layers must be 3 layer indices in [0, {arch.num_layers}], got {list(capture)}")
+        if cfg.max_batch_size < 1 or cfg.max_seq_len < 8:
+            raise TideError("engine.max_batch_size must be >= 1 and engine.max_seq_len >= 8")
+        self.arch = arch
+        self.dtype = dtype
+        self.device = cfg.device
+        self.weights = LlamaWeights(arch, ckpt.state, dtype, cfg.device)
+        self.model = LlamaModel(arch, self.weights, cfg.max_seq_len, dtype, cfg.device)
+        self.cache = KVCache(arch.num_layers, cfg.max_batch_size, arch.num_kv_heads, cfg.max_seq_len,
+                             arch.head_dim, dtype, cfg.device)
+        self.capture_layers = capture
+        self.tokenizer = tokenizer
+        self.info = ModelInfo(
+            name=ckpt.name, fingerprint=ckpt.fingerprint, vocab_size=arch.vocab_size,
+            hidden_size=arch.hidden_size, num_layers=arch.num_layers, num_heads=arch.num_heads,
+            num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, intermediate_size=arch.intermediate_size,
+            rms_norm_eps=arch.rms_norm_eps, rope_theta=arch.rope_theta, capture_layers=capture,
+            eos_token_ids=arch.eos_token_ids, max_seq_len=cfg.max_seq_len, max_batch_size=cfg.max_batch_size,
+            dtype=cfg.dtype, device=cfg.device,
+        )
+        self._lengths = [0] * cfg.max_batch_size
+        self._free = list(range(cfg.max_batch_size - 1, -1, -1))  # pop() hands out low slots first
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> TorchTargetEngine:
+        ckpt = load_checkpoint(model_cfg.path, model_cfg.cache_dir)
+        return cls(ckpt, engine_cfg, load_tokenizer(ckpt.path))
+
+    # --- slots -------------------------------------------------------------------------------------------
+    def allocate_slot(self) -> int:
+        if not self._free:
+            raise TideError("no free KV-cache slot")
+        slot = self._free.pop()
+        self._lengths[slot] = 0
+        return slot
+
+    def free_slot(self, slot: int) -> None:
+        self._lengths[slot] = 0
+        self._free.append(slot)
+        self._free.sort(reverse=True)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free)
+
+    def seq_len(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def truncate(self, slot: int, length: int) -> None:
+        if not 0 <= length <= self._lengths[slot]:
+            raise ValueError(f"cannot truncate slot {slot} of length {self._lengths[slot]} to {length}")
+        self._lengths[slot] = length
+
+    # --- compute -----------------------------------------------------------------------------------------
+    def forward(self, slots: list[int], tokens: list[list[int]], logits: str = "last") -> ForwardOutput:
+        counts = [len(t) for t in tokens]
+        if not slots or len(slots) != len(tokens) or min(counts) < 1:
+            raise ValueError("forward needs one non-empty token list per slot")
+        width = max(counts)
+        for s, n in zip(slots, counts):
+            if self._lengths[s] + width > self.info.max_seq_len:
+                raise TideError(f"sequence in slot {s} would exceed max_seq_len={self.info.max_seq_len}")
+        dev = self.device
+        padded = [t + [0] * (width - len(t)) for t in tokens]
+        tok = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, T]
+        starts = torch.tensor([self._lengths[s] for s in slots], dtype=torch.long, device=dev)  # [B]
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)  # [B]
+        index = None
+        if logits == "last":
+            index = torch.tensor([[n - 1] for n in counts], dtype=torch.long, device=dev)  # [B, 1]
+        out_logits, hidden, _ = self.model.forward(self.cache, slot_t, tok, starts, self.capture_layers, index)
+        for s, n in zip(slots, counts):
+            self._lengths[s] += n
+        return ForwardOutput(out_logits, hidden)
+
+    def embedding_weight(self) -> torch.Tensor:
+        return self.weights.embed
+
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.weights.lm_head
+
+    def final_norm_weight(self) -> torch.Tensor:
+        return self.weights.norm
+
+    def target_parameters(self) -> list[torch.Tensor]:
+        return self.weights.parameters()

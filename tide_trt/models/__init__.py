@@ -1,0 +1,1 @@
+"""Target model loading: the embedded default (SmolLM2 GGUF, cached as safetensors) or a local HF Llama dir."""

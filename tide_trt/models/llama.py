@@ -1,0 +1,185 @@
+"""A lean Llama-family decoder for serving: fused QKV / gate-up weights, RoPE tables, a slot-based static
+KV cache, and capture of the EAGLE-3 hidden states in the same forward pass.
+
+Convention: "capture layer i" is the residual stream *entering* decoder layer i (= Hugging Face
+`hidden_states[i]`), so the default `[2, L//2, L-3]` reads low, middle and high features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tide_trt.engine.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+    @staticmethod
+    def from_hf_config(cfg: dict) -> LlamaArch:
+        from tide_trt.errors import TideError
+
+        if cfg.get("model_type", "llama") not in ("llama", "mistral", "qwen2"):
+            raise TideError(f"unsupported model_type {cfg.get('model_type')!r}: Llama-family models only")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise TideError(f"unsupported RoPE scaling {rope_type!r}")
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return LlamaArch(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads", heads)),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, returned in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_len, head_dim] (HF rotate-half layout), float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # [max_len, head_dim/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [max_len, head_dim]
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos/sin [B, 1, T, D] in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaWeights:
+    """Weights in serving layout (fused QKV and gate/up), one dtype, one device."""
+
+    def __init__(self, arch: LlamaArch, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
+        def get(name: str) -> torch.Tensor:
+            return state[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed = get("model.embed_tokens.weight")  # [V, H]
+        self.norm = get("model.norm.weight")  # [H]
+        # The LM head runs in float32 whatever the engine dtype: bf16 logits (8-bit mantissa) tie exactly far
+        # too often, which makes greedy argmax depend on kernel shapes (see docs/ARCHITECTURE.md, losslessness).
+        head_name = "lm_head.weight" if ("lm_head.weight" in state and not arch.tie_word_embeddings) \
+            else "model.embed_tokens.weight"
+        self.lm_head = state[head_name].to(device=device, dtype=torch.float32).contiguous()  # [V, H] fp32
+        self.layers = []
+        for i in range(arch.num_layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
+                             get(p + "self_attn.v_proj.weight")], dim=0)  # [(Hq+2Hkv)*D, H]
+            gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0)
+            self.layers.append({
+                "input_norm": get(p + "input_layernorm.weight"),
+                "qkv": qkv,
+                "o": get(p + "self_attn.o_proj.weight"),
+                "post_norm": get(p + "post_attention_layernorm.weight"),
+                "gate_up": gate_up,  # [2*I, H]
+                "down": get(p + "mlp.down_proj.weight"),  # [H, I]
+            })
+
+    def parameters(self) -> list[torch.Tensor]:
+        out = [self.embed, self.norm, self.lm_head]
+        for layer in self.layers:
+            out.extend(layer.values())
+        return out
+
+
+class LlamaModel:
+    """Forward over a slot-based KV cache; appends tokens at each slot's current length."""
+
+    def __init__(self, arch: LlamaArch, weights: LlamaWeights, max_seq_len: int, dtype: torch.dtype, device: str):
+        self.arch = arch
+        self.w = weights
+        self.dtype = dtype
+        self.device = device
+        cos, sin = rope_tables(arch.head_dim, max_seq_len + 16, arch.rope_theta)
+        self.cos = cos.to(device=device, dtype=dtype)  # [max_len, D]
+        self.sin = sin.to(device=device, dtype=dtype)
+        self.scale = 1.0 / math.sqrt(arch.head_dim)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        cache: KVCache,
+        slots: torch.Tensor,
+        tokens: torch.Tensor,
+        starts: torch.Tensor,
+        capture_layers: tuple[int, ...],
+        logit_index: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run T new tokens per sequence.
+
+        slots [B] int64, tokens [B, T] int64, starts [B] int64 (cache length before this call).
+        logit_index: None -> logits for all T positions; else [B, K] positions to compute logits at.
+        Returns (logits [B, K or T, V] float32, captured [B, T, len(capture_layers), H], final_hidden [B, T, H]).
+        """
+        a = self.arch
+        bsz, t = tokens.shape
+        positions = starts[:, None] + torch.arange(t, device=tokens.device)[None, :]  # [B, T]
+        cos = self.cos[positions][:, None]  # [B, 1, T, D]
+        sin = self.sin[positions][:, None]
+        layout = cache.layout(slots, starts, t)
+        x = F.embedding(tokens, self.w.embed)  # [B, T, H]
+        states: dict[int, torch.Tensor] = {}
+        q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        for i, lw in enumerate(self.w.layers):
+            if i in capture_layers:
+                states[i] = x
+            h = rms_norm(x, lw["input_norm"], a.rms_norm_eps)
+            qkv = F.linear(h, lw["qkv"])  # [B, T, (Hq+2Hkv)*D]
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = apply_rope(q.view(bsz, t, a.num_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
+            k = apply_rope(k.view(bsz, t, a.num_kv_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
+            v = v.view(bsz, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            k_all, v_all = cache.write_and_read(i, layout, k, v)  # [B, Hkv, Lk, D]
+            attn = F.scaled_dot_product_attention(
+                q, k_all, v_all, attn_mask=layout.mask, is_causal=layout.is_causal, scale=self.scale, enable_gqa=True
+            )  # [B, Hq, T, D]
+            x = x + F.linear(attn.transpose(1, 2).reshape(bsz, t, q_size), lw["o"])
+            h = rms_norm(x, lw["post_norm"], a.rms_norm_eps)
+            gate, up = F.linear(h, lw["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, lw["down"])
+        states[a.num_layers] = x  # the last layer's output (before the final norm)
+        final = rms_norm(x, self.w.norm, a.rms_norm_eps)  # [B, T, H]
+        sel = final if logit_index is None else torch.gather(
+            final, 1, logit_index[:, :, None].expand(-1, -1, final.shape[-1]))
+        logits = F.linear(sel.float(), self.w.lm_head)  # [B, K, V] float32
+        return logits, torch.stack([states[c] for c in capture_layers], dim=2), final

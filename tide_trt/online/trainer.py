@@ -1,0 +1,411 @@
+"""The online trainer (its own process: `tide train`): signal store -> training rounds -> draft store.
+
+Loop (Algorithm 1, trainer side): wait until the signal store holds ≥ N_threshold (`min_new_tokens`) new
+label tokens in shards no round has consumed; split them by request into train / held-out; fine-tune the
+current draft (pin or latest version, else the base draft) with the training-time-test loss, labels = the
+next stored tokens (the target's own outputs); evaluate old and new draft by simulated greedy chain
+drafting on the held-out requests; publish a new version only if its per-token acceptance beats the mean
+acceptance served requests saw in the training data (TrainingGate margin); log the round either way.
+
+State lives in the stores only (rounds.jsonl lists consumed shards; manifest.jsonl lists versions), so a
+killed trainer restarts where it was: an unfinished round is redone, published versions are untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tide_trt.config import TideConfig, TrainerConfig
+from tide_trt.draft.checkpoint import load_draft, read_draft_config, save_draft
+from tide_trt.draft.eagle3 import Eagle3Head
+from tide_trt.engine.base import ModelInfo, default_capture_layers
+from tide_trt.errors import CheckpointError, TideError
+from tide_trt.online.drift import TrainingGate
+from tide_trt.online.signals import STORE_DTYPES, SignalSequence, read_shard
+from tide_trt.online.store import DraftStore, SignalStore
+from tide_trt.training.ttt import Batch, collate, ttt_loss
+from tide_trt.training.vocab import t2d_from_d2t
+
+log = logging.getLogger(__name__)
+
+Chunk = tuple[torch.Tensor, list[int], list[int]]  # (hidden [T, C, H], tokens [T], labels [T])
+
+
+# ---- training math (pure functions over SignalSequence records) -------------------------------------------
+def make_chunks(seqs: list[SignalSequence], chunk_len: int, train_on_prompt: bool) -> list[Chunk]:
+    """Cut sequences into training chunks (labels = next stored token; -1 = no label)."""
+    out: list[Chunk] = []
+    for s in seqs:
+        lab = s.labels(train_on_prompt).tolist()
+        tok = s.token_ids.tolist()
+        for a in range(0, len(tok), chunk_len):
+            b = min(len(tok), a + chunk_len)
+            if b - a >= 4 and any(x >= 0 for x in lab[a + 1 : b]):
+                out.append((s.hidden[a:b], tok[a:b], lab[a:b]))
+    return out
+
+
+def _shifted(batch: Batch, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entry q (feature q, token q+1) predicts the target's token after q+1: returns next tokens [B, T], draft
+    labels [B, T] (-1: none) and known [B, T] (the target label exists, even if outside the draft vocab)."""
+    dev = batch.tokens.device
+    next_tokens = torch.cat([batch.tokens[:, 1:], torch.zeros_like(batch.tokens[:, :1])], dim=1)
+    lab_next = torch.cat([batch.labels[:, 1:], torch.full_like(batch.labels[:, :1], -1)], dim=1)
+    pos = torch.arange(batch.tokens.shape[1], device=dev)[None, :]
+    known = (pos + 1 < batch.lengths[:, None]) & (lab_next >= 0)
+    draft_lab = torch.where(known, t2d[lab_next.clamp(min=0)], torch.full_like(lab_next, -1))
+    return next_tokens, draft_lab, known
+
+
+def _to(batch: Batch, device: str) -> Batch:
+    return Batch(batch.hidden.to(device).float(), batch.tokens.to(device), batch.labels.to(device),
+                 batch.lengths.to(device))
+
+
+def ttt_loss_any_device(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, steps: int) -> torch.Tensor:
+    """`ttt_loss`'s formula with every index tensor on the batch's device (ttt_loss builds CPU ones)."""
+    next_tokens, labels, _ = _shifted(batch, t2d)
+    total = torch.zeros((), device=batch.hidden.device)
+    for j, logits in enumerate(head.ttt_forward(batch.hidden, next_tokens, steps)):
+        lab = labels.clone()
+        lab[:, :j] = -1  # rows q < j have no valid chain
+        mask = lab >= 0
+        if bool(mask.any()):
+            total = total + (0.8**j) * F.cross_entropy(logits[mask], lab[mask])
+    return total
+
+
+def round_loss(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, steps: int) -> torch.Tensor:
+    """The TTT loss: `ttt_loss` itself on CPU, its device-safe twin elsewhere (equal on CPU, tested)."""
+    if batch.hidden.device.type == "cpu":
+        return ttt_loss(head, batch, t2d, steps)[0]
+    return ttt_loss_any_device(head, batch, t2d, steps)
+
+
+@torch.no_grad()
+def chain_counts(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, gamma: int) -> tuple[float, float, int]:
+    """Greedy γ-chains replayed at every base position with a known target label. Returns (Σ accepted,
+    Σ trials, chains); trials = k + [k < γ], so Σk / Σtrials is the per-token acceptance estimate the
+    serving side computes from its verification steps (comparable across γ)."""
+    next_tokens, labels, known = _shifted(batch, t2d)
+    b, t = labels.shape
+    alive = torch.ones(b, t, dtype=torch.bool, device=labels.device)
+    accepted = torch.zeros(b, t, device=labels.device)
+    for j, logits in enumerate(head.ttt_forward(batch.hidden, next_tokens, gamma)):
+        ok = (logits.argmax(-1) == labels) & (labels >= 0)  # [B, T] step-j prediction of chain q sits at q+j
+        ok_base = torch.zeros_like(alive)
+        ok_base[:, : t - j] = ok[:, j:]
+        alive &= ok_base
+        accepted += alive.float()
+    pos = torch.arange(t, device=labels.device)[None, :]
+    base = known & (pos < batch.lengths[:, None] - 1 - gamma)
+    k = accepted[base]
+    return float(k.sum()), float((k + (k < gamma).float()).sum()), int(base.sum())
+
+
+def evaluate(head: Eagle3Head, chunks: list[Chunk], t2d: torch.Tensor, gamma: int, device: str,
+             batch_size: int = 8) -> dict[str, float]:
+    """Held-out simulated acceptance: p (per-token, Σk/Σtrials), alpha (Σk / (chains·γ)), tau."""
+    head.eval()
+    acc = trials = 0.0
+    chains = 0
+    for i in range(0, len(chunks), batch_size):
+        a, tr, c = chain_counts(head, _to(collate(chunks[i : i + batch_size]), device), t2d, gamma)
+        acc, trials, chains = acc + a, trials + tr, chains + c
+    if chains == 0:
+        return {"p": 0.0, "alpha": 0.0, "tau": 1.0, "chains": 0, "trials": 0.0}
+    return {"p": acc / trials, "alpha": acc / (chains * gamma), "tau": 1.0 + acc / chains, "chains": chains,
+            "trials": trials}
+
+
+def fit(head: Eagle3Head, chunks: list[Chunk], t2d: torch.Tensor, tc: TrainerConfig, *, seed: int = 0,
+        stop: threading.Event | None = None) -> dict[str, Any]:
+    """Fine-tune `head` in place (AdamW, warm-up + cosine, bf16 autocast if configured)."""
+    steps = max(1, min(tc.steps_per_round, math.ceil(len(chunks) * tc.epochs_per_round / tc.batch_size)))
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps)))
+    )
+    rng = random.Random(seed)
+    order: list[int] = []
+    dev_type = torch.device(tc.device).type
+    head.train()
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    done = 0
+    for _ in range(steps):
+        if stop is not None and stop.is_set():
+            raise InterruptedError("trainer stopping")
+        if tc.max_round_seconds > 0 and time.perf_counter() - t0 > tc.max_round_seconds:
+            log.info("round time budget (%.0f s) reached after %d steps", tc.max_round_seconds, done)
+            break
+        if len(order) < tc.batch_size:
+            fresh = list(range(len(chunks)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        batch = _to(collate([chunks[i] for i in order[: tc.batch_size]]), tc.device)
+        del order[: tc.batch_size]
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=tc.autocast):
+            loss = round_loss(head, batch, t2d, tc.ttt_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        done += 1
+    head.eval()
+    return {"steps": done, "seconds": time.perf_counter() - t0, "chunks": len(chunks),
+            "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+
+
+Split = tuple[list[SignalSequence], list[SignalSequence]]
+
+
+def split_eval(seqs: list[SignalSequence], fraction: float) -> Split:
+    """Deterministic split by request id (stable across restarts); at least one sequence on each side."""
+    def bucket(s: SignalSequence) -> float:
+        return (zlib.crc32(s.request_id.encode()) % 10007) / 10007
+
+    held = [s for s in seqs if bucket(s) < fraction]
+    train = [s for s in seqs if bucket(s) >= fraction]
+    if not held and len(train) > 1:
+        held, train = train[-1:], train[:-1]
+    if not train and len(held) > 1:
+        held, train = held[:1], held[1:]
+    return train, held
+
+
+def served_acceptance(seqs: list[SignalSequence]) -> tuple[float | None, int]:
+    """Per-token acceptance the served requests saw (Σ accepted / Σ trials) and the trial count."""
+    acc = sum(s.accepted_tokens for s in seqs)
+    trials = sum(s.accept_trials for s in seqs)
+    return (acc / trials if trials else None), trials
+
+
+@dataclass
+class RoundResult:
+    deploy: bool
+    record: dict[str, Any]  # the rounds.jsonl line (without version), also the manifest data
+    head: Eagle3Head
+
+
+def train_round(head: Eagle3Head, train: list[SignalSequence], held: list[SignalSequence], tc: TrainerConfig,
+                gate: TrainingGate, *, stop: threading.Event | None = None, seed: int = 0) -> RoundResult:
+    """One round on in-memory data (store- and recompute-fed alike): eval old, train, eval new, gate."""
+    t2d = t2d_from_d2t(head.d2t.cpu(), head.cfg.target_vocab_size).to(tc.device)
+    train_chunks = make_chunks(train, tc.chunk_len, tc.train_on_prompt)
+    held_chunks = make_chunks(held, tc.chunk_len, tc.train_on_prompt)
+    if not train_chunks or not held_chunks:
+        raise TideError("a round needs at least one train and one held-out sequence with labels")
+    parent_eval = evaluate(head, held_chunks, t2d, tc.eval_gamma, tc.device)
+    history = fit(head, train_chunks, t2d, tc, seed=seed, stop=stop)
+    new_eval = evaluate(head, held_chunks, t2d, tc.eval_gamma, tc.device)
+    served, served_trials = served_acceptance(train)
+    if tc.gate_baseline == "parent" or served is None:
+        baseline, kind, n_base = parent_eval["p"], "parent_eval", int(parent_eval["trials"])
+    elif tc.gate_baseline == "max":
+        baseline, kind, n_base = max(served, parent_eval["p"]), "max", served_trials
+    else:
+        baseline, kind, n_base = served, "served", served_trials
+    decision = gate.decide(new_eval["p"], baseline, num_eval=int(new_eval["trials"]), num_train=n_base)
+    data = {"train_sequences": len(train), "heldout_sequences": len(held),
+            "train_tokens": sum(s.num_tokens for s in train),
+            "heldout_tokens": sum(s.num_tokens for s in held),
+            "train_label_tokens": sum(s.num_label_tokens(tc.train_on_prompt) for s in train)}
+    record = {"deploy": decision.deploy, "pause_collection": decision.pause_collection,
+              "reason": decision.reason, "gain": decision.gain, "required_gain": decision.required_gain,
+              "baseline": kind,
+              "eval_acceptance": new_eval["p"], "eval": new_eval, "parent_eval_acceptance": parent_eval["p"],
+              "parent_eval": parent_eval, "served_acceptance": served, "served_trials": served_trials,
+              "data": data, "training": history}
+    return RoundResult(decision.deploy, record, head)
+
+
+# ---- the trainer process: stores in, versions out ---------------------------------------------------------
+def load_target_identity(cfg: TideConfig, device: str) -> tuple[ModelInfo, torch.Tensor]:
+    """What a draft needs from the target without building an engine: its ModelInfo and embedding [V, H]."""
+    from tide_trt.models.loader import load_checkpoint
+
+    ckpt = load_checkpoint(cfg.model.path, cfg.model.cache_dir)
+    a = ckpt.arch
+    layers = cfg.engine.capture_layers
+    capture = tuple(layers) if layers else default_capture_layers(a.num_layers)
+    info = ModelInfo(name=ckpt.name, fingerprint=ckpt.fingerprint, vocab_size=a.vocab_size,
+                     hidden_size=a.hidden_size, num_layers=a.num_layers, num_heads=a.num_heads,
+                     num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, intermediate_size=a.intermediate_size,
+                     rms_norm_eps=a.rms_norm_eps, rope_theta=a.rope_theta, capture_layers=capture,
+                     eos_token_ids=a.eos_token_ids, max_seq_len=cfg.engine.max_seq_len, max_batch_size=1,
+                     dtype="float32", device=device)
+    embed = ckpt.state["model.embed_tokens.weight"].to(device=device, dtype=torch.float32)  # [V, H]
+    return info, embed
+
+
+class OnlineTrainer:
+    """Watches the signal store, runs rounds, publishes versions (see module docstring)."""
+
+    def __init__(self, cfg: TideConfig, base_draft: str | Path | None = None,
+                 stop: threading.Event | None = None):
+        self.cfg = cfg
+        self.tc = cfg.trainer
+        if self.tc.gate_baseline not in ("served", "parent", "max"):
+            raise TideError(f"trainer.gate_baseline must be served | parent | max, "
+                            f"got {self.tc.gate_baseline!r}")
+        self.signals = SignalStore(cfg.signals.store_dir)
+        self.drafts = DraftStore(cfg.trainer.drafts_dir)
+        self.base_draft = Path(base_draft) if base_draft else None
+        self.gate = TrainingGate.from_config(cfg.signals, cfg.trainer)
+        self.stop = stop or threading.Event()
+        self.info: ModelInfo | None = None
+        self.embed: torch.Tensor | None = None
+        self._bad: set[str] = set()
+
+    def setup(self) -> None:
+        if self.tc.num_threads > 0:
+            torch.set_num_threads(self.tc.num_threads)
+        if self.tc.device.startswith("cuda") and not torch.cuda.is_available():
+            raise TideError(f"trainer.device={self.tc.device} but CUDA is not available")
+        self.info, self.embed = load_target_identity(self.cfg, self.tc.device)
+        self.signals.ensure().remove_stale_tmp()
+        self.drafts.ensure().remove_orphans()
+        if not self.drafts.versions():
+            self._publish_base()
+
+    def _publish_base(self) -> None:
+        if self.base_draft is None:
+            raise TideError(f"{self.drafts.root} has no published draft and no base draft was given "
+                            "(draft.path)")
+        load_draft(self.base_draft, self.info, self.embed)  # validate before adopting it
+        _, manifest = read_draft_config(self.base_draft)
+        v = self.drafts.next_version()
+        tmp = self.drafts.root / f".v{v:04d}.tmp-base"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.base_draft, tmp)
+        tmp.rename(self.drafts.version_dir(v))
+        self.drafts.append_manifest({"version": v, "parent": None, "base": str(self.base_draft),
+                                     "eval_acceptance": manifest.get("eval_acceptance")})
+        log.info("draft store %s: base draft %s published as version %d", self.drafts.root,
+                 self.base_draft, v)
+
+    # ---- state derived from the stores ---------------------------------------------------------------------
+    def consumed(self) -> set[str]:
+        names = set()
+        for r in self.drafts.rounds():
+            names.update(r.get("shards", []))
+            names.update(r.get("skipped_shards", []))
+        for m in self.drafts.manifest():
+            names.update((m.get("data") or {}).get("shards", []))
+        return names
+
+    def pending(self) -> tuple[list[Path], int]:
+        """Unconsumed shards of this target and their label-token count."""
+        done = self.consumed()
+        out, tokens = [], 0
+        for p in self.signals.shard_paths():
+            if p.name in done or p.name in self._bad:
+                continue
+            try:
+                h = SignalStore.header(p)
+                layers = tuple(json.loads(h.get("capture_layers", "[]")))
+                ok = (h.get("model_fingerprint") == self.info.fingerprint
+                      and layers == self.info.capture_layers)
+                n = int(h["num_tokens"]) if self.tc.train_on_prompt else int(h["num_label_tokens"])
+            except Exception as exc:
+                log.error("signal shard %s is unreadable (%s); skipping it", p.name, exc)
+                self._bad.add(p.name)
+                continue
+            if ok:
+                out.append(p)
+                tokens += n
+        return out, tokens
+
+    def _load_parent(self, version: int) -> tuple[int, Eagle3Head]:
+        """The current version, or the newest older one that validates (a bad file never stops training)."""
+        for v in [version] + [x for x in reversed(self.drafts.versions()) if x < version]:
+            try:
+                head, _ = load_draft(self.drafts.version_dir(v), self.info, self.embed)
+                return v, head.to(self.tc.device)
+            except CheckpointError as exc:
+                log.error("cannot train from version %d: %s", v, exc)
+        raise TideError(f"no valid draft version to train from in {self.drafts.root}")
+
+    # ---- rounds -------------------------------------------------------------------------------------------
+    def run_once(self) -> dict[str, Any] | None:
+        """Train one round if enough new signals exist. Returns the round record (None: not enough data)."""
+        shards, new_tokens = self.pending()
+        if not self.gate.should_train(new_tokens):
+            return None
+        parent, head = self._load_parent(self.drafts.current())
+        seqs: list[SignalSequence] = []
+        skipped = []
+        for p in shards:
+            try:
+                seqs.extend(read_shard(p)[0])
+            except Exception as exc:
+                log.error("cannot read signal shard %s (%s); skipping it", p.name, exc)
+                skipped.append(p.name)
+        train, held = split_eval(seqs, self.tc.eval_fraction)
+        log.info("round: training version %d on %d sequences (%d new label tokens), %d held out", parent,
+                 len(train), new_tokens, len(held))
+        n_rounds = len(self.drafts.rounds())
+        result = train_round(head, train, held, self.tc, self.gate, stop=self.stop, seed=n_rounds)
+        rec = {"round": n_rounds + 1, "parent": parent, "version": None, "skipped_shards": skipped,
+               "shards": [p.name for p in shards if p.name not in skipped], **result.record}
+        if result.deploy:
+            rec["version"] = self._publish(result.head, parent, rec)
+        self.drafts.append_round(rec)
+        self._retention()
+        return rec
+
+    def _publish(self, head: Eagle3Head, parent: int, rec: dict[str, Any]) -> int:
+        v = self.drafts.next_version()
+        head.to(STORE_DTYPES[self.tc.save_dtype])
+        entry = {k: rec[k] for k in ("eval_acceptance", "served_acceptance", "parent_eval_acceptance", "gain",
+                                     "baseline", "round")}
+        entry.update(version=v, parent=parent, data={**rec["data"], "shards": rec["shards"]},
+                     train_seconds=rec["training"]["seconds"])
+        save_draft(head, self.drafts.version_dir(v), {**entry, "trained_by": "tide train (online)"})
+        self.drafts.append_manifest(entry)
+        log.info("published draft version %d (parent %d): acceptance %.3f vs %s %.3f", v, parent,
+                 rec["eval_acceptance"], rec["baseline"], rec["eval_acceptance"] - rec["gain"])
+        return v
+
+    def _retention(self) -> None:
+        unconsumed = {p.name for p in self.pending()[0]}
+        self.signals.prune(self.tc.keep_shards, protect=unconsumed)
+        self.drafts.prune(self.tc.keep_versions)
+
+    def run(self, once: bool = False, max_rounds: int | None = None, on_round=None) -> int:
+        """The trainer loop (holds the store lock). Returns the number of rounds run."""
+        rounds = 0
+        with self.drafts.trainer_lock():
+            self.setup()
+            while not self.stop.is_set():
+                try:
+                    rec = self.run_once()
+                except InterruptedError:
+                    log.info("trainer stopped mid-round; the round will be redone on restart")
+                    break
+                if rec is not None:
+                    rounds += 1
+                    if on_round is not None:
+                        on_round(rec)
+                if once or (max_rounds is not None and rounds >= max_rounds):
+                    break
+                if rec is None:
+                    self.stop.wait(self.tc.poll_seconds)
+        return rounds

@@ -1,0 +1,1 @@
+"""Serving: scheduler, Triton glue, server launcher."""

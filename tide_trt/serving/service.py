@@ -1,0 +1,124 @@
+"""The serving core shared by Triton and in-process use: config -> engine, policy, plugins, scheduler.
+
+`build_service(cfg)` is THE place where the γ policy and the step plugins are assembled from the config;
+extend it to add the adaptive controller (a GammaPolicy) and online adaptation (signal capture, refit,
+metrics) as StepPlugins. Everything downstream (Triton model, benchmarks) goes through `TideService`,
+so the in-process engine and the Triton server run the same scheduler code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from tide_trt.config import TideConfig
+from tide_trt.engine.generator import SpeculativeGenerator
+from tide_trt.engine.hooks import GammaPolicy, StaticGamma, StepPlugin
+from tide_trt.errors import RequestError
+from tide_trt.serving.requests import ParsedRequest, RequestLimits, check_prompt_length
+from tide_trt.serving.scheduler import Job, ResponseSink, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, list[StepPlugin]]:
+    """Engine + drafter from the config, the γ policy and the step plugins (none yet).
+
+    Today: `draft.path` none -> plain decoding (γ = 0); otherwise a static γ = `draft.gamma`
+    (`controller.mode` is not consulted yet: the integrator replaces the policy with the adaptive
+    controller and appends the online-adaptation plugins here).
+    """
+    from tide_trt.runtime import GAMMA_MAX, GAMMA_MIN, build_drafter, build_engine, resolve_draft_path
+
+    draft_path = resolve_draft_path(cfg.draft.path)
+    engine = build_engine(cfg)
+    drafter = build_drafter(engine, draft_path) if draft_path is not None else None
+    generator = SpeculativeGenerator(engine, drafter)
+    gamma = 0
+    if drafter is not None:
+        if not GAMMA_MIN <= cfg.draft.gamma <= GAMMA_MAX:
+            from tide_trt.errors import ConfigError
+
+            raise ConfigError(f"draft.gamma must be in [{GAMMA_MIN}, {GAMMA_MAX}], got {cfg.draft.gamma}")
+        gamma = cfg.draft.gamma
+    log.info(
+        "service: %s on %s (%s), draft %s, gamma %d, %d slots x %d tokens",
+        engine.info.name,
+        engine.info.device,
+        engine.info.dtype,
+        draft_path or "none",
+        gamma,
+        engine.info.max_batch_size,
+        engine.info.max_seq_len,
+    )
+    return generator, StaticGamma(gamma), []
+
+
+class TideService:
+    """Tokenization + validation in front of a running Scheduler."""
+
+    def __init__(self, cfg: TideConfig, generator: SpeculativeGenerator, policy: GammaPolicy,
+                 plugins: Sequence[StepPlugin],
+                 metrics_hook: Callable[[dict[str, float]], None] | None = None):  # fmt: skip
+        self.cfg = cfg
+        self.generator = generator
+        self.tokenizer = generator.engine.tokenizer
+        if self.tokenizer is None:
+            raise RequestError("the target model has no tokenizer; text serving needs one")
+        info = generator.engine.info
+        self.limits = RequestLimits(cfg.serving.max_tokens_limit, info.vocab_size, info.max_seq_len)
+        self.scheduler = Scheduler(
+            generator,
+            policy,
+            plugins,
+            self.tokenizer,
+            cfg.serving.max_queue,
+            metrics_hook,
+            cfg.serving.metrics_interval_s,
+        )
+
+    @classmethod
+    def from_config(
+        cls, cfg: TideConfig, metrics_hook: Callable[[dict[str, float]], None] | None = None
+    ) -> TideService:
+        generator, policy, plugins = build_service(cfg)
+        return cls(cfg, generator, policy, plugins, metrics_hook)
+
+    def start(self) -> TideService:
+        self.scheduler.start()
+        return self
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    def encode(self, parsed: ParsedRequest) -> list[int]:
+        from tide_trt.runtime import encode_prompt
+
+        try:
+            ids = encode_prompt(self.tokenizer, parsed.text, chat=parsed.apply_chat_template)
+        except RequestError:
+            raise
+        except Exception as exc:  # TideError("prompt is empty") or a tokenizer failure
+            raise RequestError(f"text_input could not be tokenized: {exc}") from exc
+        if not ids:
+            raise RequestError("text_input is empty after tokenization")
+        check_prompt_length(len(ids), self.limits)
+        return ids
+
+    def submit(self, parsed: ParsedRequest, sink: ResponseSink) -> str:
+        """Tokenize, validate, queue. Raises RequestError (incl. ServerBusy) before anything is queued."""
+        try:
+            ids = self.encode(parsed)
+        except RequestError:
+            self.count_rejected()
+            raise
+        eos = tuple(self.generator.engine.info.eos_token_ids)
+        stop_ids = (parsed.end_id,) if parsed.end_id is not None else eos
+        return self.scheduler.submit(Job(parsed, ids, sink, stop_ids))
+
+    def count_rejected(self) -> None:
+        """Count a request refused before queueing (invalid input)."""
+        self.scheduler.stats.inc("tide_requests_rejected_total")
+
+    def snapshot(self) -> dict[str, float]:
+        return self.scheduler.snapshot()

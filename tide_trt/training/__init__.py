@@ -1,0 +1,1 @@
+"""Draft training: the training-time-test objective, draft vocabularies, offline (recompute) training."""

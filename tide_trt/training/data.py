@@ -1,0 +1,67 @@
+"""Training examples for the draft: capture states + tokens + target labels.
+
+Recompute path (offline, SpecForge-style): run the target's prefill over conversation text to obtain the
+capture states and the target's own next-token predictions (labels). The online path (TIDE) reads the same
+records from the signal store instead, where they were captured while serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from tide_trt.engine.base import TargetEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    hidden: torch.Tensor  # [T, C, H] (bf16 by default: 2 bytes per value)
+    tokens: list[int]  # [T]
+    labels: list[int]  # [T] the target's greedy prediction after each position
+
+
+def encode_conversations(tokenizer, conversations: Iterable, max_len: int) -> list[list[int]]:
+    """Chat-template each conversation (all turns) and cut to max_len tokens."""
+    out = []
+    for conv in conversations:
+        msgs = [{"role": t.role, "content": t.text} for t in conv.turns]
+        if not msgs:
+            continue
+        ids = tokenizer.apply_chat_template(msgs, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        ids = list(ids)[:max_len]
+        if len(ids) >= 16:
+            out.append(ids)
+    return out
+
+
+@torch.inference_mode()
+def recompute_examples(engine: TargetEngine, sequences: list[list[int]], batch_size: int = 4,
+                       store_dtype: torch.dtype = torch.bfloat16, progress: bool = True) -> list[Example]:
+    """Prefill each sequence through the target (the 'second pass' TIDE avoids) and keep states + labels."""
+    examples: list[Example] = []
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths per batch
+    bar = tqdm(total=sum(len(s) for s in sequences), unit="tok", desc="target prefill", disable=not progress)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        seqs = [sequences[j] for j in idx]
+        slots = [engine.allocate_slot() for _ in seqs]
+        try:
+            out = engine.forward(slots, seqs, logits="all")  # logits [B, T, V], hidden [B, T, C, H]
+            preds = out.logits.argmax(-1)  # [B, T]
+            for b, s in enumerate(seqs):
+                n = len(s)
+                examples.append(Example(out.hidden[b, :n].to(store_dtype).clone(), list(s), preds[b, :n].tolist()))
+        finally:
+            for slot in slots:
+                engine.free_slot(slot)
+        bar.update(sum(len(s) for s in seqs))
+    bar.close()
+    return examples
