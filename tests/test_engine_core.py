@@ -97,3 +97,31 @@ def test_bad_capture_layers_refused(tiny_checkpoint):
 
     with pytest.raises(TideError, match="capture_layers"):
         TorchTargetEngine(tiny_checkpoint, EngineConfig(capture_layers=[1, 2, 99]))
+
+
+def test_slot_compaction_keeps_cache(tiny_engine):
+    """move_slot copies a live sequence's KV into a free slot; decoding continues identically."""
+    prompts = random_prompts(3, 96, seed=9)
+    slots = [tiny_engine.allocate_slot() for _ in prompts]
+    tiny_engine.forward(slots, prompts)
+    tiny_engine.free_slot(slots[0])
+    tiny_engine.move_slot(slots[2], slots[0])
+    moved = tiny_engine.forward([slots[0]], [[7, 8]], logits="all")
+    ref_slot = tiny_engine.allocate_slot()
+    ref = tiny_engine.forward([ref_slot], [prompts[2] + [7, 8]], logits="all")
+    assert torch.allclose(moved.logits[0], ref.logits[0, -2:], atol=1e-5)
+    assert tiny_engine.seq_len(slots[0]) == len(prompts[2]) + 2
+
+
+@pytest.mark.parametrize(("b", "t"), [(1, 1), (3, 4), (5, 9)])
+def test_grouped_attention_matches_sdpa(b, t):
+    from tide_trt.models.llama import attention
+
+    gen = torch.Generator().manual_seed(b * 10 + t)
+    q = torch.randn(b, 6, t, 16, generator=gen)
+    k = torch.randn(b, 2, 20, 16, generator=gen)
+    v = torch.randn(b, 2, 20, 16, generator=gen)
+    starts = torch.randint(0, 20 - t, (b,), generator=gen)
+    mask = (torch.arange(20)[None, None, :] <= (starts[:, None] + torch.arange(t)[None, :])[:, :, None])[:, None]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=0.25)
+    assert torch.allclose(attention(q, k, v, mask, False, 0.25), ref, atol=1e-5)

@@ -49,7 +49,7 @@ def test_tiny_greedy_identical_all_gammas(tiny_checkpoint, tiny_trained_head, ga
     plain = _run(engine, None, prompts, 0)
     drafter = ChainDrafter(tiny_trained_head, 8, 256, torch.float32, "cpu")
     spec = _run(engine, drafter, prompts, gamma)
-    for a, s in zip(plain, spec):
+    for a, s in zip(plain, spec, strict=False):
         assert s.output_ids == a.output_ids
     accepted = sum(s.accepted_tokens for s in spec)
     assert 0 < accepted < sum(s.draft_tokens for s in spec), "draft must be partly accepted to test anything"
@@ -88,7 +88,7 @@ def assert_bf16_equivalent(engine, plain_seq, spec_seq) -> None:
     a, s = plain_seq.output_ids, spec_seq.output_ids
     if a == s:
         return
-    i = next((j for j, (x, y) in enumerate(zip(a, s)) if x != y), min(len(a), len(s)))
+    i = next((j for j, (x, y) in enumerate(zip(a, s, strict=False)) if x != y), min(len(a), len(s)))
     margin = _margins(engine, plain_seq.request.prompt_ids, a)[i]
     assert margin < BF16_TIE_MARGIN, f"diverged at {i} with top-2 margin {margin:.4f} (not a bf16 near-tie)"
 
@@ -106,7 +106,7 @@ def test_default_model_greedy_lossless(default_checkpoint, default_tokenizer, de
     for gamma in (1, 3, 5):
         spec = _run(engine, drafter, prompts, gamma, max_new=48)
         assert sum(s.accepted_tokens for s in spec) > 0
-        for a, s in zip(plain, spec):
+        for a, s in zip(plain, spec, strict=False):
             if dtype == "float32":
                 assert s.output_ids == a.output_ids
             else:

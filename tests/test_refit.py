@@ -126,7 +126,7 @@ def snapshot(engine: TorchTargetEngine) -> list[tuple[int, torch.Tensor]]:
 def assert_target_untouched(engine: TorchTargetEngine, before: list[tuple[int, torch.Tensor]]) -> None:
     after = engine.target_parameters()
     assert len(after) == len(before)
-    for (ptr, val), p in zip(before, after):
+    for (ptr, val), p in zip(before, after, strict=True):
         assert p.data_ptr() == ptr and torch.equal(p, val)
 
 
@@ -261,7 +261,7 @@ def test_round_decisions_pause_collection(engine, tmp_path) -> None:
 
 
 def test_default_model_refit_mid_request(tmp_path) -> None:
-    """Real default model (bf16): a refit in the middle of a request; output = plain decoding, target intact."""
+    """Real default model (bf16): refit in the middle of a request; output = plain decoding, target intact."""
     eng = TorchTargetEngine.from_config(ModelConfig(), EngineConfig(max_batch_size=1, max_seq_len=96))
     ids = eng.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Say hello."}], tokenize=True, add_generation_prompt=True

@@ -24,8 +24,8 @@ from tide_trt.serving.requests import (
     check_prompt_length,
     parse_request,
 )
-from tide_trt.serving.scheduler import CollectingSink, ServerBusy
-from tide_trt.serving.service import TideService
+from tide_trt.serving.scheduler import ServerBusy
+from tide_trt.serving.service import CollectingSink, TideService
 from tide_trt.serving.stats import ServingStats, metric_name
 from tide_trt.spec.sampling import SamplingParams
 
@@ -377,7 +377,11 @@ def test_failures_stay_local_and_plugins_see_everything(tiny_dir: Path) -> None:
         snap = wait_idle(svc)
         assert snap["tide_signals_captured"] > 0 and snap["tide_refits_accepted"] == 1.0
         assert snap["tide_requests_failed_total"] == 1 and snap["tide_requests_cancelled_total"] == 1
-        assert plugin.before >= plugin.after > 0 and sorted(set(plugin.finished)) == ["cancelled", "length"]
+        assert plugin.before >= plugin.after > 0 and sorted(set(plugin.finished)) == [
+            "cancelled",
+            "error",
+            "length",
+        ]
     finally:
         svc.stop()
 
@@ -397,3 +401,15 @@ def test_submit_validates_prompt_and_stop_aborts(tiny_dir: Path) -> None:
         t.join(30)
     assert not t.is_alive()
     assert all(s.done.is_set() for s in sinks) and any(s.error == "server is shutting down" for s in sinks)
+
+
+def test_triton_model_config_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tide_trt.serving.triton_model import resolve_config
+
+    model_config = {"parameters": {"tide_config": {"string_value": "cfg.yaml"}}}
+    monkeypatch.delenv("TIDE_CONFIG", raising=False)
+    assert resolve_config(model_config, str(tmp_path)) == tmp_path / "cfg.yaml"  # relative to the model dir
+    monkeypatch.setenv("TIDE_CONFIG", "/etc/tide.yaml")  # `tide serve` sets it: wins over the parameter
+    assert resolve_config(model_config, str(tmp_path)) == Path("/etc/tide.yaml")
+    monkeypatch.delenv("TIDE_CONFIG")
+    assert resolve_config({}, str(tmp_path)) is None  # built-in defaults

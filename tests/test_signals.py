@@ -208,7 +208,9 @@ def test_recompute_path_rebuilds_the_same_signals(engine: TorchTargetEngine, tmp
     texts = served_texts(got)
     rebuilt, seconds = recompute_signals(engine, texts, dtype="float32")
     assert seconds >= 0 and len(rebuilt) == len(got)
-    for a, b in zip(sorted(got, key=lambda s: s.request_id), sorted(rebuilt, key=lambda s: s.request_id)):
+    by_id = {s.request_id: s for s in rebuilt}
+    for a in got:
+        b = by_id[a.request_id]
         assert a.token_ids.tolist() == b.token_ids.tolist() and a.next_token_id == b.next_token_id
         assert a.accept_trials == b.accept_trials and a.prompt_len == b.prompt_len
         torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=0)
@@ -240,3 +242,33 @@ def test_default_model_capture_matches_recompute(tmp_path: Path) -> None:
     for c in range(len(i.capture_layers)):
         rel = (s.hidden[:, c].float() - ref[:, c]).norm() / ref[:, c].norm()
         assert rel <= 1e-2, (c, float(rel))
+
+
+def test_drift_detection_switches_collection_on(engine: TorchTargetEngine, tmp_path: Path) -> None:
+    """Algorithm 1 wiring: paused collection skips requests; an acceptance drop turns it back on."""
+    from tide_trt.engine.generator import StepEvent
+
+    det = DriftDetector(SignalConfig(drift_ema_short=0.2, drift_ema_long=0.02, drift_warmup_updates=20))
+    det.pause("baseline")
+    buf = make_buffer(engine, tmp_path)
+    plugin = OnlineAdaptation(det, buf, None)
+    gen = SpeculativeGenerator(engine, None, signal_sink=plugin.signal_sink)
+
+    def feed(accepted: int, steps: int) -> None:  # verification steps of a speculating request, γ = 3
+        for _ in range(steps):
+            plugin.after_step(gen, 3, [StepEvent("other", (1,), False, None, 3, accepted)], 0.01)
+
+    def one_request(rid: str) -> None:
+        seq = gen.add(GenerationRequest(rid, [5, 6, 7, 8], 6))
+        while not seq.finished:
+            run_step(gen, StaticGamma(0), [plugin])
+        gen.release(rid)
+
+    feed(3, 60)  # steady high acceptance, detector armed
+    one_request("before")
+    feed(0, 30)  # acceptance drops
+    assert det.collection_enabled and det.snapshot().detections == 1
+    one_request("after")
+    buf.close()
+    assert sorted(stored(tmp_path)) == ["after"]
+    assert plugin.metrics()["signals_collection_enabled"] == 1.0

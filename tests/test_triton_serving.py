@@ -107,6 +107,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
         yield Stack(server, ref)
     finally:
         server.stop()
+    log = (tmp / "server.log").read_text()
+    assert "scheduler stopped" in log and "failed to stop server" not in log, log[-3000:]  # graceful unload
 
 
 def metrics(stack: Stack) -> dict[str, float]:

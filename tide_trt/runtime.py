@@ -91,3 +91,23 @@ def run_to_completion(gen: SpeculativeGenerator, requests: list[GenerationReques
 def make_request(request_id: str, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,
                  eos_ids: tuple[int, ...]) -> GenerationRequest:
     return GenerationRequest(request_id, prompt_ids, max_new_tokens, sampling, tuple(eos_ids))
+
+
+def run_with_policy(gen: SpeculativeGenerator, requests: list[GenerationRequest], policy,
+                    plugins: list | None = None) -> BatchResult:
+    """Like run_to_completion, but γ comes from a GammaPolicy and plugins see every step (run_step)."""
+    from tide_trt.engine.hooks import run_step
+
+    plugin_list = list(plugins or [])
+    if hasattr(policy, "after_step") and policy not in plugin_list:
+        plugin_list.insert(0, policy)
+    seqs = [gen.add(r) for r in requests]
+    t0 = time.perf_counter()
+    steps = 0
+    while any(not s.finished for s in seqs):
+        run_step(gen, policy, plugin_list)
+        steps += 1
+    seconds = time.perf_counter() - t0
+    for s in seqs:
+        gen.release(s.request.request_id)
+    return BatchResult(seqs, seconds, steps)

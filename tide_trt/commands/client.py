@@ -119,6 +119,7 @@ def generate(url: str, prompt: str, max_tokens: int, model: str = "tide", timeou
         raise TideError(f"cannot connect to {url}: {exc.message()}") from None
     out = ClientResult()
     t0 = time.perf_counter()
+    complete = False
     try:
         try:
             client.async_stream_infer(
@@ -147,9 +148,12 @@ def generate(url: str, prompt: str, max_tokens: int, model: str = "tide", timeou
                     on_text(text)
             if final:
                 out.seconds = t - t0
+                complete = True
                 return out
     finally:
-        client.stop_stream(cancel_requests=True)
+        # cancel only an unfinished request (Ctrl-C, timeout, error): cancelling a stream whose request
+        # has completed can leave tritonserver 2.51 unable to unload the model at shutdown
+        client.stop_stream(cancel_requests=not complete)
         client.close()
 
 

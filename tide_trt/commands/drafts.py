@@ -1,4 +1,4 @@
-"""`tide drafts ls` (versions, sizes, acceptance history) and `tide drafts use VERSION|latest` (pin / unpin)."""
+"""`tide drafts ls` (versions, sizes, acceptance history); `tide drafts use VERSION|latest` (pin, unpin)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def run_ls(args: argparse.Namespace) -> int:
         return 0
     print(f"draft store {store.root}: current {cur} ({'pinned' if pin is not None else 'latest'})")
     print(
-        f"{'version':>7} {'parent':>6} {'size':>9} {'eval acc':>8} {'served':>7} {'gain':>7} {'created':>19}  state"
+        f"{'version':>7} {'parent':>6} {'size':>9} {'eval acc':>8} {'served':>7} {'gain':>7} "
+        f"{'created':>19}  state"
     )
     for r in rows:
         state = ",".join(k for k in ("current", "pinned", "latest") if r[k]) or (
@@ -93,7 +94,8 @@ def run_ls(args: argparse.Namespace) -> int:
             f"{_fmt(r.get('served_acceptance')):>7} {_fmt(r.get('gain')):>7} {created:>19}  {state}"
         )
     print(
-        f"training rounds: {summary['rounds']} ({summary['deployed']} deployed); last: {summary['last_reason']}"
+        f"training rounds: {summary['rounds']} ({summary['deployed']} deployed); "
+        f"last: {summary['last_reason']}"
     )
     return 0
 

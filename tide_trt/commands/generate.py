@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["ar", "spec"], default="spec")
     p.add_argument("--draft", help="draft checkpoint dir (default: the shipped draft)")
     p.add_argument("--gamma", type=int, default=None, help="draft length γ (1..8, default from config: 3)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="let the adaptive controller choose γ (0..gamma_max) every step from the profiled cost "
+                        "model (the JSON then includes the controller state)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -27,9 +30,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tide_trt.runtime import (GAMMA_MAX, GAMMA_MIN, build_drafter, build_engine, encode_prompt, make_request,
-                                  resolve_draft_path, run_to_completion)
     from tide_trt.engine.generator import SpeculativeGenerator
+    from tide_trt.runtime import (
+        GAMMA_MAX,
+        GAMMA_MIN,
+        build_drafter,
+        build_engine,
+        encode_prompt,
+        make_request,
+        resolve_draft_path,
+        run_to_completion,
+        run_with_policy,
+    )
     from tide_trt.spec.sampling import SamplingParams
 
     if not args.prompt.strip():
@@ -57,7 +69,16 @@ def run(args: argparse.Namespace) -> int:
     cfg.engine.max_seq_len = max(cfg.engine.max_seq_len, len(prompt_ids) + args.max_tokens + 16)
     gen = SpeculativeGenerator(engine, drafter)
     req = make_request("cli", prompt_ids, args.max_tokens, sampling, engine.info.eos_token_ids)
-    result = run_to_completion(gen, [req], gamma if drafter else 0)
+    controller = None
+    if drafter is not None and args.adaptive:
+        from tide_trt.online.control_plugin import ControllerPlugin
+        from tide_trt.online.engine_profile import cached_engine_profile
+
+        profile = cached_engine_profile(engine, drafter, cfg.draft.gamma_max)
+        cfg.controller.mode = "adaptive"
+        controller = ControllerPlugin(cfg.controller, profile, cfg.draft.gamma_max, gamma)
+    result = run_with_policy(gen, [req], controller) if controller else run_to_completion(
+        gen, [req], gamma if drafter else 0)
     seq = result.sequences[0]
     ids = seq.output_ids
     text = engine.tokenizer.decode(ids, skip_special_tokens=True)
@@ -70,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
             "acceptance_rate": seq.accepted_tokens / seq.draft_tokens if seq.draft_tokens else 0.0,
             "draft_version": drafter.version if drafter else None,
         }
+        if controller is not None:
+            out["controller"] = controller.state_dict()
+            out["steps_by_gamma"] = controller.steps_by_gamma
         print(json.dumps(out))
     else:
         print(text)

@@ -139,6 +139,17 @@ def stop_process_group(proc: subprocess.Popen, grace_s: float, what: str) -> Non
     log.error("%s group %d survived SIGKILL", what, pgid)
 
 
+def _preflight(cfg: TideConfig) -> None:
+    """Fail fast, in one line, on problems the model would otherwise hit deep inside tritonserver."""
+    from tide_trt.draft.checkpoint import read_draft_config
+    from tide_trt.runtime import resolve_draft_path
+
+    draft = resolve_draft_path(cfg.draft.path)
+    if draft is not None:
+        read_draft_config(draft)
+    instance_group(cfg)
+
+
 def _handle_signal(signum: int, frame: FrameType | None) -> None:
     raise ShutdownRequested(signal.Signals(signum).name)
 
@@ -152,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     _apply_args(cfg, args)
+    _preflight(cfg)
     s = cfg.serving
     for port in (s.http_port, s.grpc_port, s.metrics_port):
         check_port_free(s.host, port)

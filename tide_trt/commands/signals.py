@@ -73,7 +73,8 @@ def run_ls(args: argparse.Namespace) -> int:
             continue
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
         print(
-            f"{r['shard']:<52} {r['sequences']:>5} {r['tokens']:>8} {r['label_tokens']:>8} {_mb(r['bytes']):>10} "
+            f"{r['shard']:<52} {r['sequences']:>5} {r['tokens']:>8} {r['label_tokens']:>8} "
+            f"{_mb(r['bytes']):>10} "
             f"{created:>19}  {'yes' if r['consumed'] else 'no'}"
         )
     print(

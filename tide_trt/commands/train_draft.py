@@ -19,6 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-draft", help="train an EAGLE-3 draft offline from a workload")
     add_config_args(p)
     p.add_argument("--workload", choices=["sharegpt", "humaneval"], default="sharegpt")
+    p.add_argument("--data", choices=["regenerate", "text"], default="regenerate",
+                   help="regenerate: the target answers the workload's prompts and the draft learns its own "
+                        "outputs (self-distillation, states captured while generating); text: target prefill over "
+                        "the workload's conversation text (recompute path)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="response length for --data regenerate")
+    p.add_argument("--gen-batch", type=int, default=32, help="concurrent sequences for --data regenerate")
     p.add_argument("--num-conversations", type=int, default=400)
     p.add_argument("--max-len", type=int, default=384, help="tokens per conversation (chat template applied)")
     p.add_argument("--draft-vocab", type=int, default=8192)
@@ -45,25 +51,43 @@ def _workload_conversations(name: str, n: int, seed: int) -> list:
         turn("assistant", t.prompt + t.canonical_solution))) for t in tasks]
 
 
+def _prompt_ids(tokenizer, conv, max_len: int) -> list[int]:
+    """The conversation's first user turn as a chat prompt (generation prompt appended), or [] if too long."""
+    user = next((t.text for t in conv.turns if t.role == "user" and t.text.strip()), None)
+    if user is None:
+        return []
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=True,
+                                        add_generation_prompt=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    ids = list(ids)
+    return ids if len(ids) <= max_len else []
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from tide_trt.draft.checkpoint import save_draft
     from tide_trt.engine.torch_engine import TorchTargetEngine
-    from tide_trt.training.data import encode_conversations, recompute_examples
+    from tide_trt.training.data import encode_conversations, recompute_examples, regenerate_examples
     from tide_trt.training.offline import TrainSettings, build_vocab_and_head, evaluate_head, train_head
 
     if args.num_conversations < 2 or not 0 < args.eval_fraction < 0.5:
         raise TideError("need --num-conversations >= 2 and 0 < --eval-fraction < 0.5")
     cfg = config_from_args(args)
-    cfg.engine.max_batch_size = 4
-    cfg.engine.max_seq_len = args.max_len + 8
+    cfg.engine.max_batch_size = 4 if args.data == "text" else args.gen_batch
+    cfg.engine.max_seq_len = args.max_len + 8 + (args.max_new_tokens if args.data == "regenerate" else 0)
     torch.manual_seed(args.seed)
     engine = TorchTargetEngine.from_config(cfg.model, cfg.engine)
     convs = _workload_conversations(args.workload, args.num_conversations, args.seed)
-    seqs = encode_conversations(engine.tokenizer, convs, args.max_len)
     t0 = time.time()
-    examples = recompute_examples(engine, seqs)
+    if args.data == "text":
+        seqs = encode_conversations(engine.tokenizer, convs, args.max_len)
+        examples = recompute_examples(engine, seqs)
+    else:
+        seqs = [_prompt_ids(engine.tokenizer, c, args.max_len) for c in convs]
+        seqs = [s for s in seqs if s]
+        examples = regenerate_examples(engine, seqs, args.max_new_tokens)
     prefill_s = time.time() - t0
     n_eval = max(1, int(len(examples) * args.eval_fraction))
     held_out, train = examples[:n_eval], examples[n_eval:]
@@ -75,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = {
         "version": 0, "parent": None, "trained_by": "tide train-draft (offline, recompute path)",
         "command": "tide " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("tide") else shlex.join(sys.argv),
-        "data": {"workload": args.workload, "conversations": len(seqs), "max_len": args.max_len,
+        "data": {"workload": args.workload, "source": args.data, "conversations": len(seqs),
+                 "max_len": args.max_len, "max_new_tokens": args.max_new_tokens,
                  "train_tokens": history["train_tokens"], "heldout_sequences": n_eval, "seed": args.seed},
         "draft_vocab_coverage": coverage, "ttt_steps": args.ttt_steps, "epochs": args.epochs,
         "prefill_seconds": prefill_s, "train_seconds": history["seconds"],

@@ -71,6 +71,10 @@ class ChainDrafter:
     def reset_slot(self, slot: int) -> None:
         self.cached[slot] = 0
 
+    def move_slot(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst, self.cached[src])
+        self.cached[dst], self.cached[src] = self.cached[src], 0
+
     @torch.inference_mode()
     def propose(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]],
                 gamma: int, sampling: DraftSampling | None) -> DraftProposal:
@@ -83,7 +87,7 @@ class ChainDrafter:
         c_h = pending_hidden[0].shape[-2:]
         feats = torch.zeros((bsz, width, *c_h), dtype=self.dtype, device=dev)  # [B, W, C, H]
         toks = torch.zeros((bsz, width), dtype=torch.long, device=dev)  # [B, W]
-        for b, (h, t) in enumerate(zip(pending_hidden, pending_tokens)):
+        for b, (h, t) in enumerate(zip(pending_hidden, pending_tokens, strict=False)):
             feats[b, : len(t)] = h.to(device=dev, dtype=self.dtype)
             toks[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
@@ -91,7 +95,7 @@ class ChainDrafter:
         last = torch.tensor([n - 1 for n in counts], dtype=torch.long, device=dev)  # [B]
         feature = head.fuse(feats)  # [B, W, H]
         hidden, logits = head.step(self.cache, slot_t, feature, toks, starts, last)  # [B, H], [B, Vd]
-        for s, n in zip(slots, counts):
+        for s, n in zip(slots, counts, strict=False):
             self.cached[s] += n
         pos = starts + last + 1  # position of the next (chained) entry
         out_tokens, out_probs = [], []

@@ -1,8 +1,9 @@
 """EAGLE-3 draft head.
 
 features of 3 capture layers --concat--> FC (3H -> H) --+
-                                                        |--> one decoder layer (attention input = [norm(embed(token)); norm(feature)], 2H)
-token embedding (target's, frozen) ---------------------+        --> final norm --> LM head over the reduced draft vocabulary
+                                                        |--> one decoder layer
+token embedding (target's, frozen) ---------------------+    (attention input [norm(embed(token)); norm(feature)], 2H)
+                                                             --> final norm --> LM head over the reduced draft vocab
 
 Entry p of a sequence combines the feature of position p (target capture states, or the draft's own output
 hidden for chained steps) with the embedding of token p+1 and predicts token p+2.
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tide_trt.engine.kv_cache import KVCache
-from tide_trt.models.llama import apply_rope, rms_norm, rope_tables
+from tide_trt.models.llama import apply_rope, attention, rms_norm, rope_tables
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,25 @@ class Eagle3Head(nn.Module):
         flat = captured.reshape(*captured.shape[:-2], -1).to(self.fc.weight.dtype)
         return self.fc(flat)
 
-    def _attn_input(self, feature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        emb = F.embedding(tokens, self.embed).to(feature.dtype)  # [B, T, H]
-        eps = self.cfg.rms_norm_eps
-        return torch.cat([rms_norm(emb, self.norm_embed, eps), rms_norm(feature, self.norm_hidden, eps)], dim=-1)
+    def _embed_normed(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        emb = F.embedding(tokens, self.embed).to(dtype)  # [B, T, H]
+        return rms_norm(emb, self.norm_embed, self.cfg.rms_norm_eps)
 
-    def _qkv(self, x2: torch.Tensor, positions: torch.Tensor):
+    def _attn_input(self, feature: torch.Tensor, tokens: torch.Tensor,
+                    emb_normed: torch.Tensor | None = None) -> torch.Tensor:
+        if emb_normed is None:
+            emb_normed = self._embed_normed(tokens, feature.dtype)
+        return torch.cat([emb_normed.to(feature.dtype), rms_norm(feature, self.norm_hidden, self.cfg.rms_norm_eps)],
+                         dim=-1)  # [B, T, 2H]
+
+    def _qkv(self, x2: torch.Tensor, positions: torch.Tensor, rope: tuple | None = None):
         c = self.cfg
         b, t, _ = x2.shape
         q, k, v = self.qkv(x2).split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim,
                                        c.num_kv_heads * c.head_dim], dim=-1)
-        cos = self.cos[positions][:, None].to(x2.dtype)  # [B, 1, T, D]
-        sin = self.sin[positions][:, None].to(x2.dtype)
+        if rope is None:
+            rope = (self.cos[positions][:, None], self.sin[positions][:, None])  # [B, 1, T, D]
+        cos, sin = rope[0].to(q.dtype), rope[1].to(q.dtype)
         q = apply_rope(q.view(b, t, c.num_heads, c.head_dim).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
         k = apply_rope(k.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
         v = v.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
@@ -113,8 +121,7 @@ class Eagle3Head(nn.Module):
         q, k, v = self._qkv(self._attn_input(feature, tokens), positions)
         layout = cache.layout(slots, starts, tokens.shape[1])
         k_all, v_all = cache.write_and_read(0, layout, k, v)
-        attn = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=layout.mask, is_causal=layout.is_causal,
-                                              scale=1.0 / math.sqrt(self.cfg.head_dim), enable_gqa=True)
+        attn = attention(q, k_all, v_all, layout.mask, layout.is_causal, 1.0 / math.sqrt(self.cfg.head_dim))
         hidden = self._finish(feature, attn)  # [B, T, H]
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # [B, H]
         return last, self.logits(last)
@@ -134,11 +141,13 @@ class Eagle3Head(nn.Module):
         scale = 1.0 / math.sqrt(c.head_dim)
         rep = c.num_heads // c.num_kv_heads
         feature = self.fuse(captured)  # [B, T, H]
+        emb_normed = self._embed_normed(next_tokens, feature.dtype)  # [B, T, H], same for every step
+        rope = (self.cos[positions][:, None], self.sin[positions][:, None])  # [B, 1, T, D]
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
         outputs = []
         for j in range(num_steps):
-            q, k, v = self._qkv(self._attn_input(feature, next_tokens), positions)
+            q, k, v = self._qkv(self._attn_input(feature, next_tokens, emb_normed), positions, rope)
             k = k.repeat_interleave(rep, dim=1)  # [B, Hq, T, D]
             v = v.repeat_interleave(rep, dim=1)
             keys.append(k)
@@ -155,10 +164,7 @@ class Eagle3Head(nn.Module):
                 vi = torch.roll(values[i], shifts=shift, dims=2)
                 diag_scores.append((q * ki).sum(-1, keepdim=True) * scale)  # [B, Hq, T, 1]
                 diag_values.append(vi)
-            if diag_scores:
-                all_scores = torch.cat([scores0] + diag_scores, dim=-1)  # [B, Hq, T, T + j]
-            else:
-                all_scores = scores0
+            all_scores = torch.cat([scores0, *diag_scores], dim=-1) if diag_scores else scores0  # [B, Hq, T, T+j]
             probs = torch.softmax(all_scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
             attn = torch.matmul(probs[..., :t], values[0])  # [B, Hq, T, D]
             for i, vi in enumerate(diag_values):

@@ -61,6 +61,12 @@ class TargetEngine(ABC):
     @abstractmethod
     def num_free_slots(self) -> int: ...
 
+    supports_compaction = False  # backends that implement move_slot set this
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Move a live sequence to a free slot (optional; see supports_compaction)."""
+        raise NotImplementedError
+
     @abstractmethod
     def seq_len(self, slot: int) -> int: ...
 

@@ -69,6 +69,7 @@ class StepEvent:
     finish_reason: str | None
     num_draft: int
     num_accepted: int
+    is_prefill: bool = False
 
 
 class SpeculativeGenerator:
@@ -110,7 +111,23 @@ class SpeculativeGenerator:
         seq = self.sequences.pop(request_id, None)
         if seq is not None:
             self.engine.free_slot(seq.slot)
+            self._compact(seq.slot)
         return seq
+
+    def _compact(self, hole: int) -> None:
+        """Move the highest-slot sequence into the freed slot so running slots stay contiguous [0, n)."""
+        if not self.engine.supports_compaction or not self.sequences:
+            return
+        top = max(self.sequences.values(), key=lambda s: s.slot)
+        if top.slot < hole:
+            return
+        src = top.slot
+        self.engine.move_slot(src, hole)
+        if self.drafter is not None:
+            self.drafter.move_slot(src, hole)
+        n = len(top.tokens)
+        self.history[hole, :n] = self.history[src, :n]
+        top.slot = hole
 
     @property
     def num_active(self) -> int:
@@ -119,10 +136,12 @@ class SpeculativeGenerator:
     # ---- one engine step ----------------------------------------------------------------------------------
     def step(self, gamma: int) -> list[StepEvent]:
         events: list[StepEvent] = []
-        new = [s for s in self.sequences.values() if not s.prefilled and not s.finished]
+        new = sorted((s for s in self.sequences.values() if not s.prefilled and not s.finished),
+                     key=lambda s: s.slot)
         if new:
             events.extend(self._prefill(new))
-        running = [s for s in self.sequences.values() if s.prefilled and not s.finished and s not in new]
+        running = sorted((s for s in self.sequences.values() if s.prefilled and not s.finished and s not in new),
+                         key=lambda s: s.slot)
         if running:
             gamma = self._cap_gamma(running, gamma)
             if gamma > 0 and self.drafter is not None:
@@ -143,7 +162,7 @@ class SpeculativeGenerator:
             n = len(s.tokens)
             self._record(s, 0, out.hidden[b, :n], s.tokens[:n], is_prompt=True)
             s.prefilled = True
-            events.append(self._commit(s, [int(first[b])], 0, 0))
+            events.append(self._commit(s, [int(first[b])], 0, 0, is_prefill=True))
         return events
 
     def _plain(self, seqs: list[SequenceState]) -> list[StepEvent]:
@@ -167,7 +186,7 @@ class SpeculativeGenerator:
             pend_t.append(s.tokens[lo + 1: hi + 1])
         sampling = self._draft_sampling(seqs)
         proposal = drafter.propose(slots, pend_h, pend_t, gamma, sampling)
-        chunks = [[s.tokens[-1]] + row for s, row in zip(seqs, proposal.tokens.tolist())]
+        chunks = [[s.tokens[-1]] + row for s, row in zip(seqs, proposal.tokens.tolist(), strict=False)]
         starts = [len(s.tokens) - 1 for s in seqs]
         out = self.engine.forward(slots, chunks, logits="all")  # logits [B, gamma+1, V]
         if sampling is None:
@@ -200,7 +219,8 @@ class SpeculativeGenerator:
             except Exception:  # the sink must never break serving
                 log.exception("signal sink failed; continuing")
 
-    def _commit(self, s: SequenceState, new_ids: list[int], num_draft: int, num_accepted: int) -> StepEvent:
+    def _commit(self, s: SequenceState, new_ids: list[int], num_draft: int, num_accepted: int,
+                is_prefill: bool = False) -> StepEvent:
         """Append output tokens, honouring stop tokens, max_new_tokens and the context limit."""
         req = s.request
         kept = []
@@ -215,7 +235,8 @@ class SpeculativeGenerator:
         s.tokens.extend(kept)
         if not s.finished and len(s.tokens) >= self.engine.info.max_seq_len:
             s.finished, s.finish_reason = True, "context"
-        return StepEvent(req.request_id, tuple(kept), s.finished, s.finish_reason, num_draft, num_accepted)
+        return StepEvent(req.request_id, tuple(kept), s.finished, s.finish_reason, num_draft, num_accepted,
+                         is_prefill)
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
         """logits [B, V] -> next token [B] with each sequence's own sampling parameters."""

@@ -84,3 +84,9 @@ class KVCache:
             lo, hi = lay.slot_range
             return kc[lo:hi, :, :lay.key_len], vc[lo:hi, :, :lay.key_len]
         return kc[lay.slots, :, :lay.key_len], vc[lay.slots, :, :lay.key_len]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot src into slot dst (slot compaction)."""
+        for kc, vc in zip(self.k, self.v, strict=False):
+            kc[dst, :, :length] = kc[src, :, :length]
+            vc[dst, :, :length] = vc[src, :, :length]

@@ -46,6 +46,7 @@ class TorchTargetEngine(TargetEngine):
                              arch.head_dim, dtype, cfg.device)
         self.capture_layers = capture
         self.tokenizer = tokenizer
+        self.checkpoint_dir = ckpt.path
         self.info = ModelInfo(
             name=ckpt.name, fingerprint=ckpt.fingerprint, vocab_size=arch.vocab_size,
             hidden_size=arch.hidden_size, num_layers=arch.num_layers, num_heads=arch.num_heads,
@@ -79,6 +80,18 @@ class TorchTargetEngine(TargetEngine):
     def num_free_slots(self) -> int:
         return len(self._free)
 
+    supports_compaction = True
+
+    def move_slot(self, src: int, dst: int) -> None:
+        """Move a live sequence from slot src to the free slot dst (keeps running batches contiguous, so the
+        KV cache is read through views instead of gathers)."""
+        if dst not in self._free or src in self._free:
+            raise ValueError(f"cannot move slot {src} -> {dst}")
+        self.cache.move(src, dst, self._lengths[src])
+        self._free.remove(dst)
+        self._lengths[dst] = self._lengths[src]
+        self.free_slot(src)
+
     def seq_len(self, slot: int) -> int:
         return self._lengths[slot]
 
@@ -93,7 +106,7 @@ class TorchTargetEngine(TargetEngine):
         if not slots or len(slots) != len(tokens) or min(counts) < 1:
             raise ValueError("forward needs one non-empty token list per slot")
         width = max(counts)
-        for s, n in zip(slots, counts):
+        for s in slots:
             if self._lengths[s] + width > self.info.max_seq_len:
                 raise TideError(f"sequence in slot {s} would exceed max_seq_len={self.info.max_seq_len}")
         dev = self.device
@@ -105,7 +118,7 @@ class TorchTargetEngine(TargetEngine):
         if logits == "last":
             index = torch.tensor([[n - 1] for n in counts], dtype=torch.long, device=dev)  # [B, 1]
         out_logits, hidden, _ = self.model.forward(self.cache, slot_t, tok, starts, self.capture_layers, index)
-        for s, n in zip(slots, counts):
+        for s, n in zip(slots, counts, strict=False):
             self._lengths[s] += n
         return ForwardOutput(out_logits, hidden)
 

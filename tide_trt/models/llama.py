@@ -86,6 +86,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+SMALL_QUERY = 16  # decode/verification chunks: grouped-query matmuls beat the CPU flash kernel
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+              scale: float) -> torch.Tensor:
+    """Grouped-query attention. q [B, Hq, T, D]; k, v [B, Hkv, L, D]; mask [B, 1, T, L] bool or None.
+
+    Long queries (prefill) use PyTorch SDPA; short ones (decode, verification) fold the query heads of each
+    KV head into one matrix and use two batched matmuls with a float32 softmax.
+    """
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if t > SMALL_QUERY or is_causal:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=True)
+    g = hq // hkv
+    qg = q.reshape(b, hkv, g * t, d)  # [B, Hkv, G*T, D] (row = g*T + t)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, L]
+    if mask is not None:
+        length = mask.shape[-1]
+        m = mask.unsqueeze(2).expand(b, 1, g, t, length).reshape(b, 1, g * t, length)
+        scores = scores.masked_fill(~m, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, hq, t, d)
+
+
 class LlamaWeights:
     """Weights in serving layout (fused QKV and gate/up), one dtype, one device."""
 
@@ -170,9 +196,7 @@ class LlamaModel:
             k = apply_rope(k.view(bsz, t, a.num_kv_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
             v = v.view(bsz, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
             k_all, v_all = cache.write_and_read(i, layout, k, v)  # [B, Hkv, Lk, D]
-            attn = F.scaled_dot_product_attention(
-                q, k_all, v_all, attn_mask=layout.mask, is_causal=layout.is_causal, scale=self.scale, enable_gqa=True
-            )  # [B, Hq, T, D]
+            attn = attention(q, k_all, v_all, layout.mask, layout.is_causal, self.scale)  # [B, Hq, T, D]
             x = x + F.linear(attn.transpose(1, 2).reshape(bsz, t, q_size), lw["o"])
             h = rms_norm(x, lw["post_norm"], a.rms_norm_eps)
             gate, up = F.linear(h, lw["gate_up"]).chunk(2, dim=-1)

@@ -115,7 +115,7 @@ class RefitWatcher:
         m["draft_version"] = float(self._served if self._served is not None else -1)
         return m
 
-    # ---- polling (background thread, or inline when background=False) -----------------------------------------
+    # ---- polling (background thread, or inline when background=False) -------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
@@ -151,6 +151,7 @@ class RefitWatcher:
         except Exception as exc:  # anything unexpected in a checkpoint is a rejection, not a crash
             self._reject(want, key, f"{type(exc).__name__}: {exc}")
             return None
+        head.to(device=self.info.device, dtype=_DTYPES[self.info.dtype])  # the swap's conversion, done here
         self.stats["last_load_s"] = time.perf_counter() - t0
         with self._lock:
             self._ready = (want, head, manifest)

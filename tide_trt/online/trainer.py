@@ -262,6 +262,9 @@ class OnlineTrainer:
                  stop: threading.Event | None = None):
         self.cfg = cfg
         self.tc = cfg.trainer
+        if self.tc.save_dtype not in STORE_DTYPES:
+            raise TideError(f"trainer.save_dtype must be one of {sorted(STORE_DTYPES)}, "
+                            f"got {self.tc.save_dtype!r}")
         if self.tc.gate_baseline not in ("served", "parent", "max"):
             raise TideError(f"trainer.gate_baseline must be served | parent | max, "
                             f"got {self.tc.gate_baseline!r}")
@@ -359,6 +362,9 @@ class OnlineTrainer:
                 log.error("cannot read signal shard %s (%s); skipping it", p.name, exc)
                 skipped.append(p.name)
         train, held = split_eval(seqs, self.tc.eval_fraction)
+        if not train or not held:
+            log.warning("%d new sequence(s): a round needs one to train on and one to hold out", len(seqs))
+            return None
         log.info("round: training version %d on %d sequences (%d new label tokens), %d held out", parent,
                  len(train), new_tokens, len(held))
         n_rounds = len(self.drafts.rounds())

@@ -68,7 +68,7 @@ class ResponseSink(Protocol):
     def is_cancelled(self) -> bool: ...
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: jobs are compared / removed by object
 class Job:
     """One request inside the scheduler."""
 
@@ -218,7 +218,7 @@ class Scheduler:
         except Exception as exc:
             log.exception("engine step failed; failing its %d requests", len(self._active))
             for job in list(self._active.values()):
-                self._retire(job, "error", notify_plugins=False)
+                self._retire(job, "error", notify_plugins=True)
                 self.stats.inc("tide_requests_failed_total")
                 self._safe(job.sink.fail, f"internal error in the engine step: {exc}")
             return
@@ -268,8 +268,10 @@ class Scheduler:
         if not job.parsed.stream and not done:
             return
         perf = self._perf(job) if job.parsed.return_perf_metrics else None
+        t0 = time.perf_counter()
         try:
             job.sink.send(ResponseChunk(chunk_text, done, reason if done else None, perf))
+            self.stats.add_time("tide_response_seconds_total", time.perf_counter() - t0)
         except Exception as exc:  # the client went away
             log.info("request %s: response failed (%s); dropping it", job.request_id, exc)
             if job.request_id in self._active:
@@ -304,7 +306,10 @@ class Scheduler:
             self.stats.inc("tide_requests_cancelled_total")
             self._safe(job.sink.close)
         with self._cond:
-            queued = [j for j in self._waiting if self._is_cancelled(j, now=now)]
+            waiting = list(self._waiting)
+        queued = [j for j in waiting if self._is_cancelled(j, now=now)]  # IPC in Triton: outside the lock
+        with self._cond:
+            queued = [j for j in queued if j in self._waiting]
             for job in queued:
                 self._waiting.remove(job)
         for job in queued:
@@ -344,7 +349,7 @@ class Scheduler:
 
     def _publish(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last_publish < self.metrics_interval_s:
+        if self._stopping or (not force and now - self._last_publish < self.metrics_interval_s):
             return
         self._last_publish = now
         metrics: dict[str, float] = {}
@@ -363,35 +368,3 @@ class Scheduler:
             fn(*args)
         except Exception:
             log.exception("%s failed", getattr(fn, "__qualname__", fn))
-
-
-class CollectingSink:
-    """In-process sink: keeps chunks with arrival times; `done` is set at the final response or error."""
-
-    def __init__(self) -> None:
-        self.chunks: list[tuple[float, ResponseChunk]] = []
-        self.error: str | None = None
-        self.cancelled = False
-        self.closed = False
-        self.done = threading.Event()
-        self.t_submit = time.perf_counter()
-
-    def send(self, chunk: ResponseChunk) -> None:
-        self.chunks.append((time.perf_counter(), chunk))
-        if chunk.final:
-            self.done.set()
-
-    def fail(self, message: str) -> None:
-        self.error = message
-        self.done.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.done.set()
-
-    def is_cancelled(self) -> bool:
-        return self.cancelled
-
-    @property
-    def text(self) -> str:
-        return "".join(c.text for _, c in self.chunks) if self.chunks else ""

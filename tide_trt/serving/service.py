@@ -9,6 +9,8 @@ so the in-process engine and the Triton server run the same scheduler code path.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 from tide_trt.config import TideConfig
@@ -16,7 +18,7 @@ from tide_trt.engine.generator import SpeculativeGenerator
 from tide_trt.engine.hooks import GammaPolicy, StaticGamma, StepPlugin
 from tide_trt.errors import RequestError
 from tide_trt.serving.requests import ParsedRequest, RequestLimits, check_prompt_length
-from tide_trt.serving.scheduler import Job, ResponseSink, Scheduler
+from tide_trt.serving.scheduler import Job, ResponseChunk, ResponseSink, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,8 @@ class TideService:
         self.scheduler.start()
         return self
 
-    def stop(self) -> None:
-        self.scheduler.stop()
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self.scheduler.stop(timeout_s)
 
     def encode(self, parsed: ParsedRequest) -> list[int]:
         from tide_trt.runtime import encode_prompt
@@ -122,3 +124,35 @@ class TideService:
 
     def snapshot(self) -> dict[str, float]:
         return self.scheduler.snapshot()
+
+
+class CollectingSink:
+    """In-process sink: keeps chunks with arrival times; `done` is set at the final response or error."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[float, ResponseChunk]] = []
+        self.error: str | None = None
+        self.cancelled = False
+        self.closed = False
+        self.done = threading.Event()
+        self.t_submit = time.perf_counter()
+
+    def send(self, chunk: ResponseChunk) -> None:
+        self.chunks.append((time.perf_counter(), chunk))
+        if chunk.final:
+            self.done.set()
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self.done.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
+    @property
+    def text(self) -> str:
+        return "".join(c.text for _, c in self.chunks) if self.chunks else ""

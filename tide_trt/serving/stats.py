@@ -27,6 +27,8 @@ DESCRIPTIONS: dict[str, str] = {
     "tide_accepted_draft_tokens_total": "Draft tokens accepted by verification",
     "tide_verify_steps_total": "Sequence verification steps (one per running sequence per engine step)",
     "tide_engine_steps_total": "Engine steps (batched)",
+    "tide_step_seconds_total": "Time spent in engine steps",
+    "tide_response_seconds_total": "Time the scheduler thread spent handing responses to the frontend",
     "tide_acceptance_rate": "Accepted / draft tokens over the recent window",
     "tide_mean_accepted_len": "tau: output tokens per verification step over the recent window (plain = 1)",
     "tide_gamma": "Draft length chosen for the last engine step (0 = plain decoding)",
@@ -59,7 +61,7 @@ class ServingStats:
 
     def __init__(self, window_steps: int = 128):
         self._lock = threading.Lock()
-        self._counters = {k: 0 for k in DESCRIPTIONS if k.endswith("_total")}
+        self._counters: dict[str, float] = {k: 0 for k in DESCRIPTIONS if k.endswith("_total")}
         self._gauges: dict[str, float] = {k: 0.0 for k in DESCRIPTIONS if not k.endswith("_total")}
         self._gauges["tide_draft_version"] = -1.0
         self._window: deque[_StepSample] = deque(maxlen=window_steps)
@@ -67,6 +69,10 @@ class ServingStats:
     def inc(self, name: str, value: int = 1) -> None:
         with self._lock:
             self._counters[name] += value
+
+    def add_time(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._counters[name] += seconds
 
     def set(self, name: str, value: float) -> None:
         with self._lock:
@@ -78,6 +84,7 @@ class ServingStats:
         with self._lock:
             c = self._counters
             c["tide_engine_steps_total"] += 1
+            c["tide_step_seconds_total"] += seconds
             c["tide_draft_tokens_total"] += draft
             c["tide_accepted_draft_tokens_total"] += accepted
             c["tide_verify_steps_total"] += seq_steps

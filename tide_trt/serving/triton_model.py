@@ -175,6 +175,8 @@ class TideTritonModel:
             send_error(pb, sender, f"internal error: {exc}", "INTERNAL")
 
     def finalize(self) -> None:
+        """Stop the scheduler well inside tritonserver's exit timeout (`--exit-timeout-secs`, 5 s)."""
         service = getattr(self, "service", None)
         if service is not None:
-            service.stop()
+            log.info("finalize: stopping the scheduler")
+            service.stop(timeout_s=3.0)

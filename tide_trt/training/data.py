@@ -65,3 +65,32 @@ def recompute_examples(engine: TargetEngine, sequences: list[list[int]], batch_s
         bar.update(sum(len(s) for s in seqs))
     bar.close()
     return examples
+
+
+@torch.inference_mode()
+def regenerate_examples(engine: TargetEngine, prompts: list[list[int]], max_new_tokens: int,
+                        progress: bool = True) -> list[Example]:
+    """Self-distillation data: the target answers each prompt (greedy, continuous batching) and the capture
+    states it produced while generating are kept — no second pass. Labels are the target's own next tokens
+    on the response (and the last prompt position); earlier prompt positions are unlabeled (-1)."""
+    from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
+
+    gen = SpeculativeGenerator(engine)
+    todo = list(enumerate(prompts))
+    examples: list[Example] = []
+    bar = tqdm(total=len(prompts), unit="seq", desc="target generation", disable=not progress)
+    while todo or gen.num_active:
+        while todo and engine.num_free_slots > 0:
+            i, p = todo.pop(0)
+            gen.add(GenerationRequest(str(i), p, max_new_tokens, stop_token_ids=engine.info.eos_token_ids))
+        gen.step(0)
+        for rid, seq in list(gen.sequences.items()):
+            if seq.finished:
+                n = len(seq.tokens) - 1  # the last token is pending: no capture state yet
+                hidden = gen.history[seq.slot, :n].to(torch.bfloat16).clone()  # [n, C, H]
+                labels = [-1] * (seq.num_prompt - 1) + seq.tokens[seq.num_prompt:]
+                examples.append(Example(hidden, seq.tokens[:n], labels[:n]))
+                gen.release(rid)
+                bar.update(1)
+    bar.close()
+    return examples

@@ -35,6 +35,7 @@ class TrainSettings:
     eval_gamma: int = 3
     seed: int = 0
     chunk_len: int = 256  # examples are cut into chunks of at most this many positions for training
+    bf16_autocast: bool = True  # CPU AVX512-bf16 / GPU tensor cores; master weights stay float32
 
 
 def new_head(engine: TargetEngine, d2t: torch.Tensor) -> Eagle3Head:
@@ -58,7 +59,8 @@ def new_head(engine: TargetEngine, d2t: torch.Tensor) -> Eagle3Head:
 def count_labels(examples: list[Example], vocab_size: int) -> torch.Tensor:
     counts = torch.zeros(vocab_size)
     for e in examples:
-        counts += torch.bincount(torch.tensor(e.labels), minlength=vocab_size).float()
+        labels = torch.tensor(e.labels)
+        counts += torch.bincount(labels[labels >= 0], minlength=vocab_size).float()
     return counts
 
 
@@ -94,7 +96,8 @@ def train_head(head: Eagle3Head, train: list[Example], t2d: torch.Tensor, s: Tra
         batch = collate([chunks[i] for i in order[: s.batch_size]])
         del order[: s.batch_size]
         batch.hidden = batch.hidden.float()
-        loss, accs = ttt_loss(head, batch, t2d, s.ttt_steps)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16_autocast):
+            loss, accs = ttt_loss(head, batch, t2d, s.ttt_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -54,12 +54,14 @@ def ttt_loss(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, num_steps: int, 
     for j, logits in enumerate(outs):
         lab = labels.clone()
         lab[:, :j] = -1  # rows q < j have no valid chain
-        mask = lab >= 0
-        if mask.sum() == 0:
+        n_valid = int((lab >= 0).sum())
+        if n_valid == 0:
             accs.append(0.0)
             continue
-        total = total + (decay ** j) * F.cross_entropy(logits[mask], lab[mask])
-        accs.append(float((logits[mask].argmax(-1) == lab[mask]).float().mean()))
+        total = total + (decay ** j) * F.cross_entropy(logits.flatten(0, 1).float(), lab.flatten(),
+                                                       ignore_index=-1)
+        with torch.no_grad():
+            accs.append(float(((logits.argmax(-1) == lab) & (lab >= 0)).sum()) / n_valid)
     return total, accs
 
 

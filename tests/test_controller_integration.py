@@ -1,0 +1,76 @@
+"""The adaptive controller on the real default model: a mismatched (random) draft is switched off within a
+bounded number of steps (then γ = 0: no draft cost at all); the trained draft stays on at batch size 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import make_engine
+from tide_trt.config import ControllerConfig
+from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
+from tide_trt.online.control_plugin import ControllerPlugin
+from tide_trt.online.engine_profile import profile_engine
+from tide_trt.runtime import build_drafter, encode_prompt, run_with_policy
+
+GAMMA_MAX = 4
+
+
+@pytest.fixture(scope="module")
+def setup(default_checkpoint, default_tokenizer, default_draft_dir):
+    engine = make_engine(default_checkpoint, dtype="bfloat16", max_batch_size=2, max_seq_len=384,
+                         tokenizer=default_tokenizer)
+    trained = build_drafter(engine, default_draft_dir)
+    profile = profile_engine(engine, trained, GAMMA_MAX, batch_sizes=(1,), context_len=64, repeats=2)
+    return engine, trained, profile
+
+
+def _random_drafter(engine, trained):
+    from tide_trt.draft.drafter import ChainDrafter
+    from tide_trt.training.offline import new_head
+
+    torch.manual_seed(0)
+    head = new_head(engine, trained.head.d2t.clone())
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.5)  # deliberately mismatched: proposals are noise
+    return ChainDrafter(head, engine.info.max_batch_size, engine.info.max_seq_len, engine.dtype, "cpu")
+
+
+def _run(engine, drafter, profile, prompt: str, max_new: int):
+    plugin = ControllerPlugin(ControllerConfig(mode="adaptive"), profile, GAMMA_MAX, 3)
+    gammas: list[int] = []
+
+    class Recorder:
+        def choose_gamma(self, ids):
+            g = plugin.choose_gamma(ids)
+            gammas.append(g)
+            return g
+
+        def __getattr__(self, name):
+            return getattr(plugin, name)
+
+    gen = SpeculativeGenerator(engine, drafter)
+    req = GenerationRequest("r", encode_prompt(engine.tokenizer, prompt), max_new,
+                            stop_token_ids=engine.info.eos_token_ids)
+    run_with_policy(gen, [req], Recorder(), [plugin])
+    return gammas, plugin
+
+
+def test_mismatched_draft_is_switched_off(setup):
+    engine, trained, profile = setup
+    gammas, plugin = _run(engine, _random_drafter(engine, trained), profile,
+                          "Write a long story about a lighthouse keeper.", 96)
+    first_off = next((i for i, g in enumerate(gammas) if g == 0 and i > 0), None)
+    assert first_off is not None and first_off <= 40, gammas[:50]
+    tail = gammas[first_off:]
+    # after switching off, at most short re-probes speculate
+    assert sum(g > 0 for g in tail) <= max(8, len(tail) // 8), gammas
+    assert plugin.state().global_acceptance < 0.2
+
+
+def test_trained_draft_stays_on_at_batch_one(setup):
+    engine, trained, profile = setup
+    gammas, plugin = _run(engine, trained, profile, "Explain how a bicycle works, step by step.", 96)
+    assert sum(g > 0 for g in gammas[1:]) >= 0.9 * (len(gammas) - 1), gammas
+    assert plugin.state().predicted_speedup > 1.0

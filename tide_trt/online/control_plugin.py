@@ -1,0 +1,64 @@
+"""The adaptive controller attached to the engine loop: a GammaPolicy + StepPlugin.
+
+choose_gamma -> AdaptiveController.choose_gamma over the running batch; after each verification step the
+per-request accepted counts and the step time feed `observe` (steps that also ran a prefill are not timed);
+finished requests are forgotten. A refit calls `on_draft_updated` so that speculation is re-probed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from tide_trt.config import ControllerConfig
+from tide_trt.engine.generator import SequenceState, SpeculativeGenerator, StepEvent
+from tide_trt.online.controller import AdaptiveController, ControllerState
+from tide_trt.online.perf_model import LatencyProfile
+
+
+class ControllerPlugin:
+    def __init__(self, config: ControllerConfig, profile: LatencyProfile, gamma_max: int, static_gamma: int):
+        self.controller = AdaptiveController(config, profile, gamma_max, static_gamma)
+        self.profile = profile
+        self._draft_version: int | None = None
+        self.steps_by_gamma: dict[int, int] = {}
+
+    # GammaPolicy
+    def choose_gamma(self, request_ids: Sequence[str]) -> int:
+        return self.controller.choose_gamma(list(request_ids))
+
+    # StepPlugin
+    def before_step(self, generator: SpeculativeGenerator) -> None:
+        drafter = generator.drafter
+        if drafter is not None and self._draft_version is not None and drafter.version != self._draft_version:
+            self.controller.on_draft_updated()
+        self._draft_version = drafter.version if drafter is not None else None
+
+    def after_step(self, generator: SpeculativeGenerator, gamma: int, events: Sequence[StepEvent],
+                   seconds: float) -> None:
+        decode = [e for e in events if not e.is_prefill]
+        if not decode:
+            return
+        had_prefill = len(decode) != len(events)
+        step_gamma = decode[0].num_draft
+        self.steps_by_gamma[step_gamma] = self.steps_by_gamma.get(step_gamma, 0) + 1
+        self.controller.observe([e.request_id for e in decode], step_gamma, [e.num_accepted for e in decode],
+                                None if had_prefill else seconds)
+
+    def on_finish(self, seq: SequenceState) -> None:
+        self.controller.forget(seq.request.request_id)
+
+    def state(self) -> ControllerState:
+        return self.controller.snapshot()
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self.state())
+
+    def metrics(self) -> dict[str, float]:
+        s = self.state()
+        out = {"controller_gamma": float(s.gamma), "controller_acceptance_ema": s.global_acceptance,
+               "controller_predicted_speedup": s.predicted_speedup,
+               "controller_switches": float(s.num_switches), "controller_probes": float(s.num_probes)}
+        if s.measured_speedup is not None:
+            out["controller_measured_speedup"] = s.measured_speedup
+        return out
