@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drift-ema-long", type=float, default=0.002)
     p.add_argument("--drift-warmup", type=int, default=150)
     p.add_argument("--drift-epsilon", type=float, default=0.05)
+    p.add_argument("--trainer-nice", type=int, default=19, help="niceness of the co-located trainer (0: none)")
     p.add_argument("--work", help="directory for the TIDE stores (default: temporary)")
     p.add_argument("--out", default="runs/bench_drift.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
@@ -102,7 +103,7 @@ def tide_config(args: argparse.Namespace, work: Path) -> TideConfig:
     return cfg
 
 
-def start_trainer(cfg: TideConfig, draft: str, work: Path) -> subprocess.Popen:
+def start_trainer(cfg: TideConfig, draft: str, work: Path, nice: int) -> subprocess.Popen:
     doc = {
         "signals": {k: getattr(cfg.signals, k) for k in ("store_dir", "drift_epsilon")},
         "trainer": {
@@ -124,6 +125,8 @@ def start_trainer(cfg: TideConfig, draft: str, work: Path) -> subprocess.Popen:
     path.write_text(yaml.safe_dump(doc))
     err = (work / "trainer.log").open("w")
     cmd = [sys.executable, "-m", "tide_trt.cli", "train", "--config", str(path), "--threads", "1"]
+    if nice:  # co-located on the serving machine: the trainer yields the CPU to serving
+        cmd = ["nice", "-n", str(nice), *cmd]
     return subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -236,7 +239,7 @@ def run_system(
     plugins, trainer, cfg = [], None, None
     if name == "tide":
         cfg = tide_config(args, work)
-        trainer = start_trainer(cfg, args.draft, work)
+        trainer = start_trainer(cfg, args.draft, work, args.trainer_nice)
         deadline = time.monotonic() + 120
         while not (work / "drafts" / "manifest.jsonl").exists() and time.monotonic() < deadline:
             if trainer.poll() is not None:

@@ -88,9 +88,7 @@ def worker_main(config_path: str) -> int:
             if cmd.get("quit"):
                 break
             records, wall = run_inprocess(service, cmd["prompts"], cmd["concurrency"], cmd["max_tokens"])
-            out.write(
-                json.dumps({"summary": summarize(records, wall), "texts": [r.text for r in records]}) + "\n"
-            )
+            out.write(json.dumps({"summary": summarize(records, wall), "texts": [r.text for r in records]}) + "\n")
             out.flush()
     finally:
         service.stop()

@@ -180,9 +180,7 @@ def run_inprocess(service: Any, prompts: list[str], concurrency: int, max_tokens
         nonlocal sent
         rec = records[sent]
         rec.submitted = time.perf_counter() - t0
-        req = ParsedRequest(
-            prompts[sent], max_tokens, stream=True, sampling=sampling, return_perf_metrics=True
-        )
+        req = ParsedRequest(prompts[sent], max_tokens, stream=True, sampling=sampling, return_perf_metrics=True)
         service.submit(req, _TimedSink(rec, t0, done))
         sent += 1
 

@@ -125,3 +125,16 @@ def test_grouped_attention_matches_sdpa(b, t):
     mask = (torch.arange(20)[None, None, :] <= (starts[:, None] + torch.arange(t)[None, :])[:, :, None])[:, None]
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=0.25)
     assert torch.allclose(attention(q, k, v, mask, False, 0.25), ref, atol=1e-5)
+
+
+def test_local_hf_checkpoint_dir_loads(default_checkpoint, tmp_path):
+    """Any local HF Llama directory (config.json + safetensors + tokenizer) loads; pickle-only dirs are refused."""
+    from tide_trt.models.loader import load_checkpoint, load_tokenizer
+
+    local = load_checkpoint(str(default_checkpoint.path))
+    assert local.fingerprint == default_checkpoint.fingerprint
+    assert load_tokenizer(local.path).encode("hello") == load_tokenizer(default_checkpoint.path).encode("hello")
+    (tmp_path / "config.json").write_text((default_checkpoint.path / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(TideError, match="safetensors"):
+        load_checkpoint(str(tmp_path))

@@ -283,3 +283,17 @@ def test_default_model_round(tmp_path) -> None:
     rec = []
     OnlineTrainer(cfg, base_draft=base).run(once=True, on_round=rec.append)
     assert len(rec) == 1 and 1 <= rec[0]["training"]["steps"] <= 2 and rec[0]["data"]["train_sequences"] >= 1
+
+
+def test_stores_survive_torn_lines_and_bad_pins(tiny, tmp_path) -> None:
+    drafts = DraftStore(tmp_path).ensure()
+    save_draft(new_head(tiny[1], torch.arange(96)), drafts.version_dir(0), {"version": 0})
+    drafts.append_manifest({"version": 0})
+    with drafts.manifest_path.open("a") as f:
+        f.write('{"version": 1, "par')  # a writer killed mid-line
+    drafts.pin_path.write_text("garbage\n")
+    assert drafts.versions() == [0] and drafts.pinned() is None and drafts.current() == 0
+    assert drafts.next_version() == 1
+    save_draft(new_head(tiny[1], torch.arange(96)), drafts.version_dir(1), {"version": 1})
+    drafts.append_manifest({"version": 1})  # the next line is intact
+    assert drafts.versions() == [0, 1]

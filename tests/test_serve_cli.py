@@ -164,9 +164,7 @@ def test_serve_serves_then_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     reader.join(5)
     assert "TIDE server stopped" in "".join(lines)
     stderr = err.read_text()
-    assert "SIGTERM received" in stderr and (
-        "started trainer" in stderr or "`tide train` is not available" in stderr
-    )
+    assert "SIGTERM received" in stderr and ("started trainer" in stderr or "`tide train` is not available" in stderr)
     for port in ports:
         check_port_free("127.0.0.1", port)
 

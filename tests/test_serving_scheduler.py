@@ -172,9 +172,7 @@ def test_triton_metrics_counters_and_gauges() -> None:
     pub({"tide_output_tokens_total": 5, "tide_gamma": 3, "tide_refits_total": 2})
     pub({"tide_output_tokens_total": 12, "tide_gamma": 0, "tide_refits_total": 1})  # counter never goes down
     made = _FakeFamily.made
-    assert (
-        made["tide_output_tokens_total"][0] == "counter" and made["tide_output_tokens_total"][1].value == 12
-    )
+    assert made["tide_output_tokens_total"][0] == "counter" and made["tide_output_tokens_total"][1].value == 12
     assert made["tide_gamma"] == ("gauge", made["tide_gamma"][1]) and made["tide_gamma"][1].value == 0
     assert made["tide_refits_total"][1].value == 2
 
@@ -217,9 +215,7 @@ def make_generator(tiny_dir: Path, slots: int, with_draft: bool = False) -> Spec
 
 def make_service(tiny_dir: Path, slots: int = 2, max_queue: int = 8, with_draft: bool = False,
                  plugins: Sequence = (), gamma: int = 0) -> TideService:  # fmt: skip
-    cfg = config_from_dict(
-        {"serving": {"max_queue": max_queue, "max_tokens_limit": 64, "metrics_interval_s": 0.01}}
-    )
+    cfg = config_from_dict({"serving": {"max_queue": max_queue, "max_tokens_limit": 64, "metrics_interval_s": 0.01}})
     gen = make_generator(tiny_dir, slots, with_draft)
     return TideService(cfg, gen, StaticGamma(gamma), list(plugins)).start()
 

@@ -59,13 +59,9 @@ class Reference:
         key = (prompt, max_tokens)
         if key not in self._cache:
             eos = self.engine.info.eos_token_ids
-            req = make_request(
-                "ref", encode_prompt(self.engine.tokenizer, prompt), max_tokens, SamplingParams(), eos
-            )
+            req = make_request("ref", encode_prompt(self.engine.tokenizer, prompt), max_tokens, SamplingParams(), eos)
             ids = run_to_completion(self.gen, [req], GAMMA).sequences[0].output_ids
-            self._cache[key] = self.engine.tokenizer.decode(
-                [t for t in ids if t not in eos], skip_special_tokens=True
-            )
+            self._cache[key] = self.engine.tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
         return self._cache[key]
 
 
@@ -218,9 +214,7 @@ def test_cancelled_streams_free_their_slots(stack: Stack) -> None:
         assert error is None, error
         got.add(result.get_response().id)
     waiting = {}
-    t = threading.Thread(
-        target=lambda: waiting.update(res=generate(url, PROMPTS[0], 8, stream=True, timeout_s=120))
-    )
+    t = threading.Thread(target=lambda: waiting.update(res=generate(url, PROMPTS[0], 8, stream=True, timeout_s=120)))
     t.start()  # queued behind the four long ones
     client.stop_stream(cancel_requests=True)
     client.close()
@@ -299,9 +293,7 @@ def test_flood_past_queue_gets_server_busy(stack: Stack) -> None:
     n = 26  # 4 slots + 16 queue places
     try:
         for i in range(n):
-            client.async_stream_infer(
-                "tide", build_inputs(PROMPTS[i % 4], 3, stream=False), request_id=f"f{i}"
-            )
+            client.async_stream_infer("tide", build_inputs(PROMPTS[i % 4], 3, stream=False), request_id=f"f{i}")
         ok, busy = 0, []
         for _ in range(n):
             result, error = events.get(timeout=300)

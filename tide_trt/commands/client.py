@@ -73,9 +73,7 @@ def build_inputs(prompt: str, max_tokens: int, stream: bool = True, temperature:
         if value is not None:
             inputs.append(tensor(name, wire, np.array([value], dtype=dtype)))
     if stop_words:
-        inputs.append(
-            tensor("stop_words", "BYTES", np.array([w.encode() for w in stop_words], dtype=np.object_))
-        )
+        inputs.append(tensor("stop_words", "BYTES", np.array([w.encode() for w in stop_words], dtype=np.object_)))
     return inputs
 
 
@@ -180,9 +178,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     on_text = echo if args.stream and not args.json else None
-    result = generate(
-        args.url, args.prompt, args.max_tokens, args.model_name, args.timeout, on_text, **options
-    )
+    result = generate(args.url, args.prompt, args.max_tokens, args.model_name, args.timeout, on_text, **options)
     if args.json:
         n_out = result.perf.get("num_output_tokens", 0)
         print(json.dumps({

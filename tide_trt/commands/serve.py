@@ -50,9 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default serving.metrics_port, 8002)")
     p.add_argument("--model-repo", help=f"model repository to copy (default {DEFAULT_REPO})")
     p.add_argument("--no-trainer", action="store_true", help="do not start `tide train` alongside")
-    p.add_argument(
-        "--tritonserver", help="tritonserver binary (default: PATH, then the nvidia-pytriton wheel)"
-    )
+    p.add_argument("--tritonserver", help="tritonserver binary (default: PATH, then the nvidia-pytriton wheel)")
     p.add_argument("--server-log", help="write the tritonserver log here (default: a temporary file)")
     p.set_defaults(func=run)
 
@@ -65,18 +63,14 @@ def _apply_args(cfg: TideConfig, args: argparse.Namespace) -> None:
             setattr(s, attr, value)
     ports = [s.http_port, s.grpc_port, s.metrics_port]
     if any(not 0 < p < 65536 for p in ports) or len(set(ports)) != 3:
-        raise ConfigError(
-            f"HTTP, gRPC and metrics ports must be three distinct ports in 1..65535, got {ports}"
-        )
+        raise ConfigError(f"HTTP, gRPC and metrics ports must be three distinct ports in 1..65535, got {ports}")
 
 
 def instance_group(cfg: TideConfig) -> str:
     """The `instance_group` line for config.pbtxt from serving.instance_kind / engine.device."""
     kind = cfg.serving.instance_kind.lower()
     if kind not in ("auto", "cpu", "gpu"):
-        raise ConfigError(
-            f"serving.instance_kind must be auto | cpu | gpu, got {cfg.serving.instance_kind!r}"
-        )
+        raise ConfigError(f"serving.instance_kind must be auto | cpu | gpu, got {cfg.serving.instance_kind!r}")
     device = cfg.engine.device
     if kind == "gpu" or (kind == "auto" and device.startswith("cuda")):
         index = device.split(":", 1)[1] if ":" in device else "0"
@@ -208,9 +202,7 @@ def _serve_until_signal(server, trainer: subprocess.Popen | None) -> None:
     while True:
         time.sleep(0.5)
         if not server.is_running():
-            raise TideError(
-                f"tritonserver exited unexpectedly (log {server.log_file}):\n{server.log_tail(20)}"
-            )
+            raise TideError(f"tritonserver exited unexpectedly (log {server.log_file}):\n{server.log_tail(20)}")
         if trainer is not None and not trainer_reported and trainer.poll() is not None:
             log.warning("trainer exited with code %s; serving continues without it", trainer.returncode)
             trainer_reported = True

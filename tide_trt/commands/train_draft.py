@@ -8,6 +8,7 @@ import logging
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from tide_trt.commands.common import add_config_args, config_from_args
 from tide_trt.errors import TideError
@@ -35,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--max-train-seconds", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="continue training from this draft checkpoint (keeps its vocabulary)")
+    p.add_argument("--examples-cache", help="safetensors file: reuse the captured training states if it exists, "
+                                            "else write them there")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.set_defaults(func=run)
 
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tide_trt.draft.checkpoint import save_draft
     from tide_trt.engine.torch_engine import TorchTargetEngine
-    from tide_trt.training.data import encode_conversations, recompute_examples, regenerate_examples
+    from tide_trt.training.data import (encode_conversations, load_examples, recompute_examples,
+                                        regenerate_examples, save_examples)
     from tide_trt.training.offline import TrainSettings, build_vocab_and_head, evaluate_head, train_head
 
     if args.num_conversations < 2 or not 0 < args.eval_fraction < 0.5:
@@ -81,23 +86,37 @@ def run(args: argparse.Namespace) -> int:
     engine = TorchTargetEngine.from_config(cfg.model, cfg.engine)
     convs = _workload_conversations(args.workload, args.num_conversations, args.seed)
     t0 = time.time()
-    if args.data == "text":
+    if args.examples_cache and Path(args.examples_cache).is_file():
+        examples = load_examples(args.examples_cache)
+        seqs = examples
+    elif args.data == "text":
         seqs = encode_conversations(engine.tokenizer, convs, args.max_len)
         examples = recompute_examples(engine, seqs)
     else:
         seqs = [_prompt_ids(engine.tokenizer, c, args.max_len) for c in convs]
         seqs = [s for s in seqs if s]
         examples = regenerate_examples(engine, seqs, args.max_new_tokens)
+    if args.examples_cache and not Path(args.examples_cache).is_file():
+        save_examples(examples, args.examples_cache)
     prefill_s = time.time() - t0
     n_eval = max(1, int(len(examples) * args.eval_fraction))
     held_out, train = examples[:n_eval], examples[n_eval:]
-    head, t2d, coverage = build_vocab_and_head(engine, train, args.draft_vocab)
+    if args.init:
+        from tide_trt.draft.checkpoint import load_draft
+        from tide_trt.training.vocab import t2d_from_d2t
+
+        head, parent = load_draft(args.init, engine.info, engine.embedding_weight())
+        t2d = t2d_from_d2t(head.d2t, engine.info.vocab_size)
+        labels = torch.tensor([t for e in train for t in e.labels if t >= 0])
+        coverage = float((t2d[labels] >= 0).float().mean()) if labels.numel() else 0.0
+    else:
+        head, t2d, coverage = build_vocab_and_head(engine, train, args.draft_vocab)
     settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              ttt_steps=args.ttt_steps, seed=args.seed)
     history = train_head(head, train, t2d, settings, max_seconds=args.max_train_seconds)
     report = {g: evaluate_head(head, held_out, t2d, g) for g in (1, 3, 5)}
     manifest = {
-        "version": 0, "parent": None, "trained_by": "tide train-draft (offline, recompute path)",
+        "version": 0, "parent": args.init, "trained_by": "tide train-draft (offline, recompute path)",
         "command": "tide " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("tide") else shlex.join(sys.argv),
         "data": {"workload": args.workload, "source": args.data, "conversations": len(seqs),
                  "max_len": args.max_len, "max_new_tokens": args.max_new_tokens,

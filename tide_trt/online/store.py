@@ -76,8 +76,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def append_jsonl(path: Path, doc: dict[str, Any]) -> None:
     """Append one line with a single O_APPEND write + fsync (atomic for concurrent readers)."""
     data = (json.dumps(doc, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line of a killed writer: end it first
+            data = b"\n" + data
         os.write(fd, data)
         os.fsync(fd)
     finally:

@@ -73,8 +73,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], limits: RequestLimits
         raise RequestError("max_tokens is required (INT32 [1])")
     if not 1 <= max_tokens <= limits.max_tokens_limit:
         raise RequestError(
-            f"max_tokens must be in [1, {limits.max_tokens_limit}] (serving.max_tokens_limit), "
-            f"got {max_tokens}"
+            f"max_tokens must be in [1, {limits.max_tokens_limit}] (serving.max_tokens_limit), got {max_tokens}"
         )
     temperature = _float(inputs, "temperature", 0.0)
     if temperature < 0:

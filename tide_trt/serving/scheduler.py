@@ -222,9 +222,7 @@ class Scheduler:
                 self.stats.inc("tide_requests_failed_total")
                 self._safe(job.sink.fail, f"internal error in the engine step: {exc}")
             return
-        decode = [
-            ev for ev in events if ev.request_id in self._active and self._active[ev.request_id].started
-        ]
+        decode = [ev for ev in events if ev.request_id in self._active and self._active[ev.request_id].started]
         self.stats.record_step(
             gamma, seconds, len(events), draft=sum(ev.num_draft for ev in decode),
             accepted=sum(ev.num_accepted for ev in decode),

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from tide_trt.config import TideConfig
 from tide_trt.engine.generator import SpeculativeGenerator
 from tide_trt.engine.hooks import GammaPolicy, StaticGamma, StepPlugin
-from tide_trt.errors import RequestError
+from tide_trt.errors import ConfigError, RequestError
 from tide_trt.serving.requests import ParsedRequest, RequestLimits, check_prompt_length
 from tide_trt.serving.scheduler import Job, ResponseChunk, ResponseSink, Scheduler
 
@@ -24,11 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, list[StepPlugin]]:
-    """Engine + drafter from the config, the γ policy and the step plugins (none yet).
+    """Engine + drafter from the config, the γ policy and the step plugins.
 
-    Today: `draft.path` none -> plain decoding (γ = 0); otherwise a static γ = `draft.gamma`
-    (`controller.mode` is not consulted yet: the integrator replaces the policy with the adaptive
-    controller and appends the online-adaptation plugins here).
+    Policy: no draft -> γ = 0; `controller.mode` "static" -> γ = `draft.gamma`; "off" -> γ = 0; "adaptive" ->
+    the adaptive controller over the profiled cost model (profile cached per model/device/dtype/threads).
+    Plugins: the controller (adaptive mode) and online adaptation (signal capture, drift, refit) when enabled.
     """
     from tide_trt.runtime import GAMMA_MAX, GAMMA_MIN, build_drafter, build_engine, resolve_draft_path
 
@@ -39,8 +39,6 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
     gamma = 0
     if drafter is not None:
         if not GAMMA_MIN <= cfg.draft.gamma <= GAMMA_MAX:
-            from tide_trt.errors import ConfigError
-
             raise ConfigError(f"draft.gamma must be in [{GAMMA_MIN}, {GAMMA_MAX}], got {cfg.draft.gamma}")
         gamma = cfg.draft.gamma
     log.info(
@@ -53,7 +51,29 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
         engine.info.max_batch_size,
         engine.info.max_seq_len,
     )
-    return generator, StaticGamma(gamma), []
+    policy: GammaPolicy = StaticGamma(gamma if cfg.controller.mode != "off" else 0)
+    plugins: list[StepPlugin] = []
+    if drafter is not None and cfg.controller.mode == "adaptive":
+        from tide_trt.online.control_plugin import ControllerPlugin
+        from tide_trt.online.engine_profile import cached_engine_profile
+
+        profile = cached_engine_profile(engine, drafter, cfg.draft.gamma_max)
+        controller = ControllerPlugin(cfg.controller, profile, cfg.draft.gamma_max, gamma)
+        policy = controller
+        plugins.append(controller)
+    plugins.extend(_online_plugins(cfg, generator))
+    return generator, policy, plugins
+
+
+def _online_plugins(cfg: TideConfig, generator: SpeculativeGenerator) -> list[StepPlugin]:
+    """Signal capture / drift / refit plugins (online adaptation), when signals are enabled and a draft serves."""
+    if generator.drafter is None or not cfg.signals.enabled:
+        return []
+    try:
+        from tide_trt.online.adaptation import build_online_plugins
+    except ImportError:  # online adaptation not installed in this build
+        return []
+    return list(build_online_plugins(cfg, generator.engine, generator))
 
 
 class TideService:

@@ -100,9 +100,7 @@ class TritonSink:
                 pb.Tensor("num_output_tokens", np.array([p.num_output_tokens], dtype=np.int32)),
             ]
             if chunk.final and chunk.finish_reason:
-                tensors.append(
-                    pb.Tensor("finish_reason", np.array([chunk.finish_reason.encode()], np.object_))
-                )
+                tensors.append(pb.Tensor("finish_reason", np.array([chunk.finish_reason.encode()], np.object_)))
         flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if chunk.final else 0
         self.sender.send(pb.InferenceResponse(output_tensors=tensors), flags=flags)
 
@@ -133,14 +131,10 @@ class TideTritonModel:
         _setup_logging()
         model_config = json.loads(args["model_config"])
         if not pb.using_decoupled_model_transaction_policy(model_config):
-            raise pb.TritonModelException(
-                "model_repo/tide needs model_transaction_policy { decoupled: true }"
-            )
+            raise pb.TritonModelException("model_repo/tide needs model_transaction_policy { decoupled: true }")
         path = resolve_config(model_config, args.get("model_repository", "."))
         cfg = load_config(path)
-        _apply_instance(
-            cfg, args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0")
-        )
+        _apply_instance(cfg, args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0"))
         log.info("TIDE model %s: config %s", args.get("model_instance_name", "?"), path or "(defaults)")
         self.metrics = TritonMetrics(pb, {"model": args.get("model_name", "tide")})
         self.service = TideService.from_config(cfg, metrics_hook=self.metrics).start()

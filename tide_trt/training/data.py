@@ -94,3 +94,27 @@ def regenerate_examples(engine: TargetEngine, prompts: list[list[int]], max_new_
                 bar.update(1)
     bar.close()
     return examples
+
+
+def save_examples(examples: list[Example], path: str) -> None:
+    """Store examples as one safetensors file (hidden states, tokens, labels, sequence offsets)."""
+    from safetensors.torch import save_file
+
+    offsets = [0]
+    for e in examples:
+        offsets.append(offsets[-1] + len(e.tokens))
+    save_file({
+        "hidden_states": torch.cat([e.hidden for e in examples]).contiguous(),  # [N, C, H]
+        "token_ids": torch.tensor([t for e in examples for t in e.tokens], dtype=torch.long),  # [N]
+        "labels": torch.tensor([t for e in examples for t in e.labels], dtype=torch.long),  # [N]
+        "seq_offsets": torch.tensor(offsets, dtype=torch.long),  # [S+1]
+    }, path)
+
+
+def load_examples(path: str) -> list[Example]:
+    from safetensors.torch import load_file
+
+    d = load_file(path)
+    off = d["seq_offsets"].tolist()
+    return [Example(d["hidden_states"][a:b], d["token_ids"][a:b].tolist(), d["labels"][a:b].tolist())
+            for a, b in zip(off[:-1], off[1:], strict=True)]

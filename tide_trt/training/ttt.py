@@ -83,9 +83,9 @@ def simulated_acceptance(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, gamm
         ok_base[:, : t - j] = ok[:, j:]
         alive = alive & ok_base
         accepted += alive.float()
-    base_valid = torch.zeros(b, t, dtype=torch.bool)
+    base_valid = labels >= 0  # the chain's first prediction has a known target token (response positions)
     for i, n in enumerate(batch.lengths.tolist()):
-        base_valid[i, : max(0, n - 1 - gamma)] = True
+        base_valid[i, max(0, n - 1 - gamma):] = False
     n_chains = int(base_valid.sum())
     if n_chains == 0:
         return {"alpha": 0.0, "tau": 1.0, "chains": 0}
