@@ -111,3 +111,19 @@ def test_default_model_greedy_lossless(default_checkpoint, default_tokenizer, de
                 assert s.output_ids == a.output_ids
             else:
                 assert_bf16_equivalent(engine, a, s)
+
+
+def test_long_prompt_joiner_does_not_overflow_draft_cache(tiny_checkpoint, tiny_trained_head):
+    """A joiner's long catch-up is not padded onto rows that are already deep into their context."""
+    engine = make_engine(tiny_checkpoint, max_batch_size=2, max_seq_len=64)
+    drafter = ChainDrafter(tiny_trained_head, 2, 64, torch.float32, "cpu")
+    long_a, long_b = random_prompts(2, 96, seed=77, min_len=36, max_len=40)
+    plain = {s.request.request_id: s.output_ids for s in _run(engine, None, [long_a, long_b], 0, max_new=20)}
+    gen = SpeculativeGenerator(engine, drafter)
+    gen.add(GenerationRequest("0", long_a, 20))
+    for _ in range(6):
+        gen.step(3)
+    gen.add(GenerationRequest("1", long_b, 20))
+    while any(not s.finished for s in gen.sequences.values()):
+        gen.step(3)
+    assert {rid: s.output_ids for rid, s in gen.sequences.items()} == plain

@@ -83,20 +83,18 @@ class ChainDrafter:
         dev = self.device
         bsz = len(slots)
         counts = [len(t) for t in pending_tokens]
-        width = max(counts)
-        c_h = pending_hidden[0].shape[-2:]
-        feats = torch.zeros((bsz, width, *c_h), dtype=self.dtype, device=dev)  # [B, W, C, H]
-        toks = torch.zeros((bsz, width), dtype=torch.long, device=dev)  # [B, W]
-        for b, (h, t) in enumerate(zip(pending_hidden, pending_tokens, strict=False)):
-            feats[b, : len(t)] = h.to(device=dev, dtype=self.dtype)
-            toks[b, : len(t)] = torch.tensor(t, dtype=torch.long)
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
         starts = torch.tensor([self.cached[s] for s in slots], dtype=torch.long, device=dev)  # [B]
-        last = torch.tensor([n - 1 for n in counts], dtype=torch.long, device=dev)  # [B]
-        feature = head.fuse(feats)  # [B, W, H]
-        hidden, logits = head.step(self.cache, slot_t, feature, toks, starts, last)  # [B, H], [B, Vd]
-        for s, n in zip(slots, counts, strict=False):
+        if max(self.cached[s] for s in slots) + max(counts) <= self.cache.max_seq_len:
+            hidden, logits = self._catch_up(slots, pending_hidden, pending_tokens)
+        else:  # padding a long catch-up (a joiner's prompt) onto every row would overflow the cache: go row by row
+            rows = [self._catch_up([s], [h], [t]) for s, h, t in zip(slots, pending_hidden, pending_tokens,
+                                                                       strict=True)]
+            hidden = torch.cat([r[0] for r in rows])
+            logits = torch.cat([r[1] for r in rows])
+        for s, n in zip(slots, counts, strict=True):
             self.cached[s] += n
+        last = torch.tensor([n - 1 for n in counts], dtype=torch.long, device=dev)  # [B]
         pos = starts + last + 1  # position of the next (chained) entry
         out_tokens, out_probs = [], []
         zero = torch.zeros(bsz, dtype=torch.long, device=dev)
@@ -112,6 +110,24 @@ class ChainDrafter:
         tokens = torch.stack(out_tokens, dim=1)  # [B, gamma]
         probs = torch.stack(out_probs, dim=1) if out_probs else None  # [B, gamma, V]
         return DraftProposal(tokens, probs)
+
+    def _catch_up(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the true entries not yet cached (ragged, padded); returns draft hidden [B, H] and logits [B, Vd]
+        at each row's last entry. Does not advance `cached`."""
+        dev = self.device
+        counts = [len(t) for t in pending_tokens]
+        width = max(counts)
+        c_h = pending_hidden[0].shape[-2:]
+        feats = torch.zeros((len(slots), width, *c_h), dtype=self.dtype, device=dev)  # [B, W, C, H]
+        toks = torch.zeros((len(slots), width), dtype=torch.long, device=dev)  # [B, W]
+        for b, (h, t) in enumerate(zip(pending_hidden, pending_tokens, strict=True)):
+            feats[b, : len(t)] = h.to(device=dev, dtype=self.dtype)
+            toks[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
+        starts = torch.tensor([self.cached[s] for s in slots], dtype=torch.long, device=dev)  # [B]
+        last = torch.tensor([n - 1 for n in counts], dtype=torch.long, device=dev)  # [B]
+        return self.head.step(self.cache, slot_t, self.head.fuse(feats), toks, starts, last)
 
     def _pick(self, logits: torch.Tensor, sampling: DraftSampling | None):
         """logits [B, Vd] -> (target ids [B], probs over target vocab [B, V] or None)."""

@@ -52,7 +52,7 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
         engine.info.max_seq_len,
     )
     policy: GammaPolicy = StaticGamma(gamma if cfg.controller.mode != "off" else 0)
-    plugins: list[StepPlugin] = []
+    plugins: list[StepPlugin] = _online_plugins(cfg, generator)  # first: refits land before the controller looks
     if drafter is not None and cfg.controller.mode == "adaptive":
         from tide_trt.online.control_plugin import ControllerPlugin
         from tide_trt.online.engine_profile import cached_engine_profile
@@ -61,7 +61,6 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
         controller = ControllerPlugin(cfg.controller, profile, cfg.draft.gamma_max, gamma)
         policy = controller
         plugins.append(controller)
-    plugins.extend(_online_plugins(cfg, generator))
     return generator, policy, plugins
 
 
@@ -112,6 +111,13 @@ class TideService:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self.scheduler.stop(timeout_s)
+        for plugin in self.scheduler.plugins if hasattr(self.scheduler, "plugins") else ():
+            close = getattr(plugin, "close", None)
+            if close is not None:
+                try:
+                    close()  # e.g. online adaptation: write the last signal shard, stop its threads
+                except Exception:
+                    log.exception("closing plugin %s failed", type(plugin).__name__)
 
     def encode(self, parsed: ParsedRequest) -> list[int]:
         from tide_trt.runtime import encode_prompt
