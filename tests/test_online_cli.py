@@ -24,13 +24,7 @@ from tide_trt.online.signals import ShardInfo, SignalBuffer
 from tide_trt.online.store import DraftStore, SignalStore
 from tide_trt.training.offline import new_head
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def capture(eng: TorchTargetEngine, root: Path, prompts: list[list[int]], max_new: int) -> None:

@@ -33,14 +33,7 @@ from tide_trt.training.offline import new_head
 from tide_trt.training.ttt import collate, simulated_acceptance, ttt_loss
 from tide_trt.training.vocab import t2d_from_d2t
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these machines are shared; OpenMP spinning on a busy core costs 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

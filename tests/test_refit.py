@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.conftest import make_engine
 from tide_trt.config import EngineConfig, ModelConfig, SignalConfig, TideConfig, TrainerConfig
 from tide_trt.draft.checkpoint import save_draft
 from tide_trt.draft.drafter import ChainDrafter
@@ -18,8 +19,6 @@ from tide_trt.draft.eagle3 import Eagle3Head
 from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 from tide_trt.engine.hooks import StaticGamma, run_step
 from tide_trt.engine.torch_engine import TorchTargetEngine
-from tide_trt.models.loader import load_checkpoint
-from tide_trt.models.tiny import write_tiny_llama
 from tide_trt.online.adaptation import OnlineAdaptation, build_online_plugins
 from tide_trt.online.drift import DriftDetector
 from tide_trt.online.refit import RefitWatcher
@@ -29,22 +28,12 @@ from tide_trt.online.trainer import fit, make_chunks
 from tide_trt.training.offline import new_head
 from tide_trt.training.vocab import t2d_from_d2t
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these machines are shared; OpenMP spinning on a busy core costs 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> TorchTargetEngine:
-    d = write_tiny_llama(tmp_path_factory.mktemp("tiny"))
-    return TorchTargetEngine(
-        load_checkpoint(str(d)), EngineConfig(dtype="float32", max_batch_size=8, max_seq_len=256)
-    )
+def engine(tiny_checkpoint) -> TorchTargetEngine:
+    return make_engine(tiny_checkpoint)
 
 
 def prompts(n: int, seed: int) -> list[list[int]]:

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import make_engine
 from tide_trt.config import EngineConfig, ModelConfig, SignalConfig
 from tide_trt.draft.drafter import ChainDrafter
 from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 from tide_trt.engine.hooks import StaticGamma, run_step
 from tide_trt.engine.torch_engine import TorchTargetEngine
-from tide_trt.models.loader import load_checkpoint
-from tide_trt.models.tiny import write_tiny_llama
 from tide_trt.online.adaptation import OnlineAdaptation
 from tide_trt.online.drift import DriftDetector
 from tide_trt.online.recompute import recompute_signals, served_texts, stored_bytes_per_token
@@ -28,22 +27,12 @@ from tide_trt.online.signals import FinishInfo, ShardInfo, SignalBuffer, SignalS
 from tide_trt.online.store import SignalStore
 from tide_trt.training.offline import new_head
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these machines are shared; OpenMP spinning on a busy core costs 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> TorchTargetEngine:
-    d = write_tiny_llama(tmp_path_factory.mktemp("tiny"))
-    return TorchTargetEngine(
-        load_checkpoint(str(d)), EngineConfig(dtype="float32", max_batch_size=8, max_seq_len=256)
-    )
+def engine(tiny_checkpoint) -> TorchTargetEngine:
+    return make_engine(tiny_checkpoint)
 
 
 def make_buffer(engine: TorchTargetEngine, root: Path, **kw) -> SignalBuffer:

@@ -73,8 +73,13 @@ def run(args: argparse.Namespace) -> int:
 
     from tide_trt.draft.checkpoint import save_draft
     from tide_trt.engine.torch_engine import TorchTargetEngine
-    from tide_trt.training.data import (encode_conversations, load_examples, recompute_examples,
-                                        regenerate_examples, save_examples)
+    from tide_trt.training.data import (
+        encode_conversations,
+        load_examples,
+        recompute_examples,
+        regenerate_examples,
+        save_examples,
+    )
     from tide_trt.training.offline import TrainSettings, build_vocab_and_head, evaluate_head, train_head
 
     if args.num_conversations < 2 or not 0 < args.eval_fraction < 0.5:
