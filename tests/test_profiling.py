@@ -121,3 +121,14 @@ def test_format_profile_table() -> None:
     row_b1 = next(line for line in lines if line.split()[:1] == ["1"] and len(line.split()) > 3)
     # b=1: T(1) = 11 ms, D(1) = 1.1 ms, c = 0.1, β(γ=1) = T(2)/T(1) = 12/11
     assert row_b1.split()[1:5] == ["11.000", "1.100", "0.100", f"{12 / 11:.3f}"]
+
+
+def test_engine_profile_is_made_monotone():
+    from tide_trt.online.engine_profile import monotone_profile
+    from tide_trt.online.perf_model import LatencyProfile, predicted_speedup
+
+    noisy = LatencyProfile(target_s={1: 0.030, 4: 0.034, 8: 0.029, 16: 0.050}, draft_s={1: 0.002, 4: 0.003})
+    fixed = monotone_profile(noisy)
+    assert fixed.target_s == {1: 0.030, 4: 0.034, 8: 0.034, 16: 0.050}
+    # with the dip, γ=1 at α=0 looked like a speedup at batch 4; after the fix it does not
+    assert predicted_speedup(0.0, 1, 4, noisy) > 1.0 > predicted_speedup(0.0, 1, 4, fixed)

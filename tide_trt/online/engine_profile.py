@@ -30,7 +30,7 @@ def _batch_sizes(engine: TargetEngine, batch_sizes: tuple[int, ...]) -> list[int
 
 def profile_engine(engine: TargetEngine, drafter: ChainDrafter | None, gamma_max: int,
                    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, context_len: int = 128,
-                   repeats: int = 3) -> LatencyProfile:
+                   repeats: int = 5) -> LatencyProfile:
     """Time one target step of b·(γ+1) tokens and one draft step of b rows on the live engine."""
     sizes = _batch_sizes(engine, batch_sizes)
     b_max = max(sizes)
@@ -64,19 +64,35 @@ def profile_engine(engine: TargetEngine, drafter: ChainDrafter | None, gamma_max
                 drafter.reset_slot(s)
             return seconds
 
-        return profile_latency(target_step, draft_step, sizes, gamma_max if drafter is not None else 0,
-                               repeats=repeats, model_fingerprint=engine.info.fingerprint,
-                               device=engine.info.device, dtype=engine.info.dtype,
-                               threads=torch.get_num_threads())
+        raw = profile_latency(target_step, draft_step, sizes, gamma_max if drafter is not None else 0,
+                              repeats=repeats, model_fingerprint=engine.info.fingerprint,
+                              device=engine.info.device, dtype=engine.info.dtype,
+                              threads=torch.get_num_threads())
+        return monotone_profile(raw)
     finally:
         for s in slots:
             engine.free_slot(s)
 
 
+def monotone_profile(profile: LatencyProfile) -> LatencyProfile:
+    """Timing noise can make T(n) dip as n grows (then β(b) < 1 and speculation looks free even at α = 0).
+    A step over more tokens never costs less, so T and D are made non-decreasing (running max)."""
+    import dataclasses
+
+    def running_max(table: dict[int, float]) -> dict[int, float]:
+        out, best = {}, 0.0
+        for n in sorted(table):
+            best = max(best, table[n])
+            out[n] = best
+        return out
+
+    return dataclasses.replace(profile, target_s=running_max(profile.target_s), draft_s=running_max(profile.draft_s))
+
+
 def cached_engine_profile(engine: TargetEngine, drafter: ChainDrafter | None, gamma_max: int,
                           cache_dir: str | Path | None = None, refresh: bool = False) -> LatencyProfile:
     """load_or_profile keyed by (model, device, dtype, threads, draft shape, batch sizes)."""
-    key = {"model": engine.info.fingerprint, "device": engine.info.device, "dtype": engine.info.dtype,
+    key = {"version": 2, "model": engine.info.fingerprint, "device": engine.info.device, "dtype": engine.info.dtype,
            "threads": torch.get_num_threads(), "gamma_max": gamma_max,
            "draft_vocab": drafter.cfg.draft_vocab_size if drafter else 0,
            "batch_sizes": _batch_sizes(engine, DEFAULT_BATCH_SIZES), "backend": type(engine).__name__}
