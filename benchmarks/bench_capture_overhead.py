@@ -125,13 +125,11 @@ def run(args: argparse.Namespace) -> dict:
     from tide_trt import workloads
     from tide_trt.runtime import encode_prompt
 
-    # 2x: ChainDrafter's ragged catch-up pads each row to the widest pending prefix (a new request's
-    # whole prompt) on top of its own cached prefix; its cache is engine max_seq_len + 16 (open issue)
     engine = TorchTargetEngine.from_config(
         ModelConfig(),
         EngineConfig(
             max_batch_size=args.concurrency,
-            max_seq_len=2 * (args.max_prompt_tokens + args.max_new_tokens) + 16,
+            max_seq_len=args.max_prompt_tokens + args.max_new_tokens + 16,
         ),
     )
     drafter = load_drafter(engine, args.draft)

@@ -72,20 +72,11 @@ class BatchResult:
     steps: int
 
 
-def run_to_completion(gen: SpeculativeGenerator, requests: list[GenerationRequest], gamma: int,
-                      choose_gamma=None) -> BatchResult:
-    """Run a fixed set of requests until all finish (no new arrivals); gamma fixed or chosen per step."""
-    seqs = [gen.add(r) for r in requests]
-    t0 = time.perf_counter()
-    steps = 0
-    while any(not s.finished for s in seqs):
-        g = choose_gamma([s.request.request_id for s in seqs if not s.finished]) if choose_gamma else gamma
-        gen.step(g)
-        steps += 1
-    seconds = time.perf_counter() - t0
-    for s in seqs:
-        gen.release(s.request.request_id)
-    return BatchResult(seqs, seconds, steps)
+def run_to_completion(gen: SpeculativeGenerator, requests: list[GenerationRequest], gamma: int) -> BatchResult:
+    """Run a fixed set of requests until all finish (no new arrivals) at a fixed γ."""
+    from tide_trt.engine.hooks import StaticGamma
+
+    return run_with_policy(gen, requests, StaticGamma(gamma))
 
 
 def make_request(request_id: str, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingParams,
@@ -95,7 +86,7 @@ def make_request(request_id: str, prompt_ids: list[int], max_new_tokens: int, sa
 
 def run_with_policy(gen: SpeculativeGenerator, requests: list[GenerationRequest], policy,
                     plugins: list | None = None) -> BatchResult:
-    """Like run_to_completion, but γ comes from a GammaPolicy and plugins see every step (run_step)."""
+    """Run a fixed set of requests until all finish; γ comes from a GammaPolicy and plugins see every step."""
     from tide_trt.engine.hooks import run_step
 
     plugin_list = list(plugins or [])

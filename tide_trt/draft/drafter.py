@@ -84,7 +84,9 @@ class ChainDrafter:
         bsz = len(slots)
         counts = [len(t) for t in pending_tokens]
         slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        starts = torch.tensor([self.cached[s] for s in slots], dtype=torch.long, device=dev)  # [B]
+        # position of each row's first chained entry: its cached length + its pending entries
+        pos = torch.tensor([self.cached[s] + n for s, n in zip(slots, counts, strict=True)], dtype=torch.long,
+                           device=dev)  # [B]
         if max(self.cached[s] for s in slots) + max(counts) <= self.cache.max_seq_len:
             hidden, logits = self._catch_up(slots, pending_hidden, pending_tokens)
         else:  # padding a long catch-up (a joiner's prompt) onto every row would overflow the cache: go row by row
@@ -94,8 +96,6 @@ class ChainDrafter:
             logits = torch.cat([r[1] for r in rows])
         for s, n in zip(slots, counts, strict=True):
             self.cached[s] += n
-        last = torch.tensor([n - 1 for n in counts], dtype=torch.long, device=dev)  # [B]
-        pos = starts + last + 1  # position of the next (chained) entry
         out_tokens, out_probs = [], []
         zero = torch.zeros(bsz, dtype=torch.long, device=dev)
         for j in range(gamma):

@@ -11,6 +11,7 @@ The scheduler (serving) or a benchmark loop calls, around every `SpeculativeGene
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -45,8 +46,6 @@ class StaticGamma:
 def run_step(generator: SpeculativeGenerator, policy: GammaPolicy, plugins: Sequence[StepPlugin]
              ) -> tuple[int, list[StepEvent], float]:
     """One engine step with plugins around it. Returns (gamma, events, seconds)."""
-    import time
-
     active = [rid for rid, s in generator.sequences.items() if not s.finished]
     gamma = policy.choose_gamma(active) if generator.drafter is not None else 0
     for p in plugins:
