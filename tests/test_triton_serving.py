@@ -189,7 +189,7 @@ def test_sixteen_concurrent_streams(stack: Stack) -> None:
     for prompt, res in zip(prompts, results, strict=True):
         assert not isinstance(res, Exception) and res is not None, res
         assert res.text == stack.ref.text(prompt, 8)
-    m = wait_metrics(stack, lambda m: m["tide_active_sequences"] == 0)
+    m = wait_metrics(stack, lambda m: m["tide_active_sequences"] == 0 and m["tide_free_slots"] == 4)
     assert m["tide_active_sequences"] == 0 and m["tide_free_slots"] == m["tide_max_slots"] == 4
 
 
@@ -220,8 +220,13 @@ def test_cancelled_streams_free_their_slots(stack: Stack) -> None:
     client.close()
     t.join(150)
     assert waiting["res"].text == stack.ref.text(PROMPTS[0], 8)
+    # gauges are published one by one, so a scrape can land between two of them: wait for the whole final state
     m = wait_metrics(
-        stack, lambda m: m["tide_active_sequences"] == 0 and m["tide_requests_cancelled_total"] >= before + 4
+        stack,
+        lambda m: m["tide_active_sequences"] == 0
+        and m["tide_free_slots"] == 4
+        and m["tide_queue_depth"] == 0
+        and m["tide_requests_cancelled_total"] >= before + 4,
     )
     assert m["tide_requests_cancelled_total"] >= before + 4
     assert m["tide_active_sequences"] == 0 and m["tide_free_slots"] == 4 and m["tide_queue_depth"] == 0
