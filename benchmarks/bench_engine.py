@@ -19,55 +19,73 @@ from benchmarks.common import machine, write_json
 log = logging.getLogger(__name__)
 
 
-def _hf_generate(model_dir, prompts: list[list[int]], max_new: int, batch_size: int, pad_id: int, eos: int) -> dict:
-    from transformers import AutoModelForCausalLM
+class Tally:
+    """Output tokens, wall seconds and engine steps of one system, summed over prompt chunks."""
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    tokens = 0
+    def __init__(self) -> None:
+        self.tokens = self.steps = self.sequences = 0
+        self.seconds = 0.0
+
+    def add(self, tokens: int, seconds: float, steps: int, sequences: int) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        self.steps += steps
+        self.sequences += sequences
+
+    def summary(self) -> dict:
+        decode_tokens = self.tokens - self.sequences  # the first token of each sequence comes from the prefill
+        return {"tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": self.tokens / self.seconds,
+                "tau": decode_tokens / self.steps if self.steps else 1.0}
+
+
+def _hf_chunk(model, chunk: list[list[int]], max_new: int, pad_id: int, eos: int) -> tuple[int, float, int]:
+    width = max(len(p) for p in chunk)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
     t0 = time.perf_counter()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new,
-                do_sample=False,
-                pad_token_id=pad_id,
-                eos_token_id=eos,
-            )
-        for row in out[:, width:].tolist():
-            tokens += next((j + 1 for j, t in enumerate(row) if t == eos), len(row))
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                             pad_token_id=pad_id, eos_token_id=eos)
     seconds = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "tau": 1.0}
+    tokens = sum(next((j + 1 for j, t in enumerate(row) if t == eos), len(row)) for row in out[:, width:].tolist())
+    return tokens, seconds, 0
 
 
-def _ours(engine, drafter, prompts: list[list[int]], max_new: int, batch_size: int, gamma: int) -> dict:
-    from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
+def _ours_chunk(gen, chunk: list[list[int]], max_new: int, gamma: int, tag: str) -> tuple[int, float, int]:
+    from tide_trt.engine.generator import GenerationRequest
     from tide_trt.runtime import run_to_completion
 
-    gen = SpeculativeGenerator(engine, drafter)
-    tokens = steps = 0
-    seconds = 0.0
-    for i in range(0, len(prompts), batch_size):
-        reqs = [
-            GenerationRequest(f"{i}-{j}", p, max_new, stop_token_ids=engine.info.eos_token_ids)
-            for j, p in enumerate(prompts[i : i + batch_size])
-        ]
-        res = run_to_completion(gen, reqs, gamma)
-        seconds += res.seconds
-        tokens += sum(len(s.output_ids) for s in res.sequences)
-        steps += sum(s.steps for s in res.sequences)
-    decode_tokens = tokens - len(prompts)  # the first token of each sequence comes from the prefill
-    return {
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "tau": decode_tokens / steps if steps else 1.0,
+    eos = gen.engine.info.eos_token_ids
+    reqs = [GenerationRequest(f"{tag}-{j}", p, max_new, stop_token_ids=eos) for j, p in enumerate(chunk)]
+    res = run_to_completion(gen, reqs, gamma)
+    return sum(len(s.output_ids) for s in res.sequences), res.seconds, sum(s.steps for s in res.sequences)
+
+
+def run_batch_size(engine, drafter, hf_model, prompts: list[list[int]], max_new: int, bs: int, gamma: int) -> dict:
+    """The systems take turns on each chunk of `bs` prompts (rotating who goes first), so slow drifts of a
+    shared machine hit all of them alike."""
+    from tide_trt.engine.generator import SpeculativeGenerator
+
+    eos = engine.info.eos_token_ids[0]
+    systems = {
+        "ours_ar": lambda c, i: _ours_chunk(SpeculativeGenerator(engine), c, max_new, 0, f"ar{i}"),
+        "ours_spec": lambda c, i: _ours_chunk(SpeculativeGenerator(engine, drafter), c, max_new, gamma, f"sp{i}"),
     }
+    if hf_model is not None:
+        systems["hf_generate_fp32"] = lambda c, i: _hf_chunk(hf_model, c, max_new, eos, eos)
+    tallies = {name: Tally() for name in systems}
+    names = list(systems)
+    for k, i in enumerate(range(0, len(prompts), bs)):
+        chunk = prompts[i : i + bs]
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            tokens, seconds, steps = systems[name](chunk, i)
+            tallies[name].add(tokens, seconds, steps, len(chunk))
+        log.info("bs %d: %d/%d prompts done", bs, i + len(chunk), len(prompts))
+    row = {name: t.summary() for name, t in tallies.items()}
+    if hf_model is not None:
+        row["ratio_ar_vs_hf"] = row["ours_ar"]["tokens_per_s"] / row["hf_generate_fp32"]["tokens_per_s"]
+    row["ratio_spec_vs_ar"] = row["ours_spec"]["tokens_per_s"] / row["ours_ar"]["tokens_per_s"]
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,30 +114,27 @@ def main(argv: list[str] | None = None) -> dict:
     drafter = build_drafter(engine, resolve_draft_path(args.draft))
     tok = engine.tokenizer
     prompts = [encode_prompt(tok, t)[-512:] for t in sharegpt_prompts(args.prompts, seed=1234)]
-    eos = engine.info.eos_token_ids[0]
     result = {
         "benchmark": "engine",
         "machine": machine(),
         "model": engine.info.name,
         "dtype": args.dtype,
+        "native_linears": engine.info.native_linears,
+        "threads": torch.get_num_threads(),
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "gamma": args.gamma,
         "draft": str(resolve_draft_path(args.draft)),
         "runs": {},
     }
+    hf_model = None
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(str(engine.checkpoint_dir), dtype=torch.float32).eval()
     for bs in args.batch_sizes:
-        row = {}
-        log.info("batch size %d: ours plain", bs)
-        row["ours_ar"] = _ours(engine, None, prompts, args.max_new_tokens, bs, 0)
-        log.info("batch size %d: ours + static draft", bs)
-        row["ours_spec"] = _ours(engine, drafter, prompts, args.max_new_tokens, bs, args.gamma)
-        if not args.skip_hf:
-            log.info("batch size %d: HF generate fp32", bs)
-            row["hf_generate_fp32"] = _hf_generate(engine.checkpoint_dir, prompts, args.max_new_tokens, bs, eos, eos)
-            row["ratio_ar_vs_hf"] = row["ours_ar"]["tokens_per_s"] / row["hf_generate_fp32"]["tokens_per_s"]
-        row["ratio_spec_vs_ar"] = row["ours_spec"]["tokens_per_s"] / row["ours_ar"]["tokens_per_s"]
-        result["runs"][f"bs{bs}"] = row
+        result["runs"][f"bs{bs}"] = run_batch_size(engine, drafter, hf_model, prompts, args.max_new_tokens, bs,
+                                                   args.gamma)
     write_json(result, args.out)
     return result
 

@@ -35,12 +35,14 @@ def tiny_checkpoint(tiny_model_dir: Path):
 
 
 def make_engine(ckpt, dtype: str = "float32", max_batch_size: int = 8, max_seq_len: int = 256,
-                tokenizer=None):
+                tokenizer=None, cpu_kernels: str = "off"):
+    """cpu_kernels="auto" with dtype bfloat16: bf16 weights, fp32 activations, native kernel (the CPU serving
+    mode); "off": PyTorch matmuls end to end in `dtype`."""
     from tide_trt.config import EngineConfig
     from tide_trt.engine.torch_engine import TorchTargetEngine
 
     return TorchTargetEngine(ckpt, EngineConfig(dtype=dtype, max_batch_size=max_batch_size,
-                                                max_seq_len=max_seq_len), tokenizer)
+                                                max_seq_len=max_seq_len, cpu_kernels=cpu_kernels), tokenizer)
 
 
 @pytest.fixture()

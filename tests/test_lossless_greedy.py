@@ -93,13 +93,17 @@ def assert_bf16_equivalent(engine, plain_seq, spec_seq) -> None:
     assert margin < BF16_TIE_MARGIN, f"diverged at {i} with top-2 margin {margin:.4f} (not a bf16 near-tie)"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "native"])
 def test_default_model_greedy_lossless(default_checkpoint, default_tokenizer, default_draft_dir, dtype):
+    """float32 and native (bf16 weights, fp32 activations, batch-invariant kernel): token-identical.
+    bfloat16 end to end: identical up to the documented bf16 near-tie rule."""
     from tide_trt.runtime import build_drafter, encode_prompt
     from tide_trt.workloads import sharegpt_prompts
 
-    engine = make_engine(default_checkpoint, dtype=dtype, max_batch_size=4, max_seq_len=384,
-                         tokenizer=default_tokenizer)
+    native = dtype == "native"
+    engine = make_engine(default_checkpoint, dtype="bfloat16" if native else dtype, max_batch_size=4,
+                         max_seq_len=384, tokenizer=default_tokenizer, cpu_kernels="auto" if native else "off")
+    assert engine.info.native_linears == native
     prompts = [encode_prompt(default_tokenizer, p)[:160] for p in sharegpt_prompts(4, seed=3)]
     plain = _run(engine, None, prompts, 0, max_new=48)
     drafter = build_drafter(engine, default_draft_dir)
@@ -107,7 +111,7 @@ def test_default_model_greedy_lossless(default_checkpoint, default_tokenizer, de
         spec = _run(engine, drafter, prompts, gamma, max_new=48)
         assert sum(s.accepted_tokens for s in spec) > 0
         for a, s in zip(plain, spec, strict=False):
-            if dtype == "float32":
+            if dtype in ("float32", "native"):
                 assert s.output_ids == a.output_ids
             else:
                 assert_bf16_equivalent(engine, a, s)

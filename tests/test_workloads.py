@@ -103,3 +103,16 @@ def test_chat_messages() -> None:
     full = workloads.chat_messages(conv, upto_assistant=False)
     assert [m["content"] for m in full] == ["q1", "q1b", "a1", "q2", "a2"]
     assert workloads.chat_messages(Conversation("e", (Turn("assistant", "x"),)), True) == []
+
+
+def test_train_and_eval_splits_are_disjoint_and_stable(sharegpt) -> None:
+    train = workloads.load_sharegpt(split="train")
+    held_out = workloads.load_sharegpt(split="eval")
+    assert len(train) + len(held_out) == len(sharegpt) and held_out
+    assert not {c.id for c in train} & {c.id for c in held_out}
+    assert 0.02 < len(held_out) / len(sharegpt) < 0.08  # ~1 in 20
+    assert workloads.load_sharegpt(split="eval", seed=4)[:5] == workloads.load_sharegpt(split="eval", seed=4)[:5]
+    eval_texts = {c.first_user_text() for c in held_out}
+    assert all(p in eval_texts for p in workloads.sharegpt_prompts(20, seed=1234))
+    with pytest.raises(TideError, match="split"):
+        workloads.load_sharegpt(split="test")

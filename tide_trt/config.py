@@ -39,6 +39,9 @@ class EngineConfig:
     max_seq_len: int = 1024
     capture_layers: list[int] | None = None  # None -> [2, L//2, L-3]
     num_threads: int = 0  # 0 -> torch default
+    # "auto": on CPU with dtype bfloat16, run every matmul in the native bf16-weight/fp32-activation kernel
+    # (tide_trt/kernels) when it builds here; "off": plain PyTorch matmuls in `dtype`
+    cpu_kernels: str = "auto"
 
 
 @dataclass

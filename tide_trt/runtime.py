@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from tide_trt.config import TideConfig
 from tide_trt.draft.checkpoint import load_draft
 from tide_trt.draft.drafter import ChainDrafter
@@ -48,9 +46,9 @@ def build_engine(cfg: TideConfig) -> TargetEngine:
 def build_drafter(engine: TargetEngine, draft_path: str | Path) -> ChainDrafter:
     """Load + validate a draft checkpoint for this engine and wrap it in a serving drafter."""
     head, manifest = load_draft(draft_path, engine.info, engine.embedding_weight())
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[engine.info.dtype]
-    return ChainDrafter(head, engine.info.max_batch_size, engine.info.max_seq_len, dtype, engine.info.device,
-                        version=int(manifest.get("version", 0)))
+    info = engine.info
+    return ChainDrafter(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, info.device,
+                        version=int(manifest.get("version", 0)), native_linears=info.native_linears)
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:

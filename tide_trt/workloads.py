@@ -9,6 +9,7 @@ import json
 import logging
 import random
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,25 +109,38 @@ def _sharegpt_all() -> tuple[Conversation, ...]:
     return tuple(conversations)
 
 
-def load_sharegpt(limit: int | None = None, seed: int | None = None) -> list[Conversation]:
-    """ShareGPT conversations with at least one user/assistant turn; shuffled if ``seed`` is given."""
-    conversations = list(_sharegpt_all())
+EVAL_SPLIT_MODULUS = 20  # 1 conversation in 20 (by a stable hash of its id) is kept out of draft training
+
+
+def in_eval_split(conv: Conversation) -> bool:
+    """Stable train/eval split: benchmarks and tests prompt from "eval", `tide train-draft` learns from "train"."""
+    return zlib.crc32(conv.id.encode()) % EVAL_SPLIT_MODULUS == 0
+
+
+def load_sharegpt(limit: int | None = None, seed: int | None = None, split: str = "all") -> list[Conversation]:
+    """ShareGPT conversations with at least one user/assistant turn; shuffled if ``seed`` is given.
+
+    ``split`` is "all", "train" (what drafts are trained on) or "eval" (held out from every draft we ship)."""
+    if split not in ("all", "train", "eval"):
+        raise TideError(f"unknown ShareGPT split {split!r} (all | train | eval)")
+    conversations = [c for c in _sharegpt_all() if split == "all" or in_eval_split(c) == (split == "eval")]
     if seed is not None:
         random.Random(seed).shuffle(conversations)
     return conversations if limit is None else conversations[:limit]
 
 
-def sharegpt_prompts(n: int, seed: int = 0, max_chars: int = MAX_PROMPT_CHARS) -> list[str]:
-    """First user turn of ``n`` conversations (deterministic sample; empty or over-long ones skipped)."""
+def sharegpt_prompts(n: int, seed: int = 0, max_chars: int = MAX_PROMPT_CHARS, split: str = "eval") -> list[str]:
+    """First user turn of ``n`` conversations (deterministic sample from ``split``; empty or over-long ones
+    skipped). Defaults to the eval split, which no shipped draft was trained on."""
     prompts = []
-    for conv in load_sharegpt(seed=seed):
+    for conv in load_sharegpt(seed=seed, split=split):
         text = conv.first_user_text()
         if text.strip() and len(text) <= max_chars:
             prompts.append(text)
             if len(prompts) == n:
                 return prompts
     raise TideError(
-        f"ShareGPT has only {len(prompts)} prompts of at most {max_chars} characters, asked for {n}"
+        f"ShareGPT ({split} split) has only {len(prompts)} prompts of at most {max_chars} characters, asked for {n}"
     )
 
 

@@ -37,8 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-train-seconds", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", help="continue training from this draft checkpoint (keeps its vocabulary)")
-    p.add_argument("--examples-cache", help="safetensors file: reuse the captured training states if it exists, "
-                                            "else write them there")
+    p.add_argument("--examples-cache", help="a .safetensors file: reuse the captured training states if it exists, "
+                                            "else write them there; a directory (--data regenerate): resumable "
+                                            "chunks, each saved when done and reused on the next run")
+    p.add_argument("--chunk-conversations", type=int, default=256, help="prompts per chunk in a cache directory")
+    p.add_argument("--generate-only", action="store_true", help="stop after the training states are cached")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.set_defaults(func=run)
 
@@ -47,7 +50,7 @@ def _workload_conversations(name: str, n: int, seed: int) -> list:
     from tide_trt import workloads
 
     if name == "sharegpt":
-        return workloads.load_sharegpt(limit=n, seed=seed)
+        return workloads.load_sharegpt(limit=n, seed=seed, split="train")
     tasks = workloads.load_humaneval()[:n]
     turn = workloads.Turn
     return [workloads.Conversation(id=t.task_id, turns=(
@@ -77,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         encode_conversations,
         load_examples,
         recompute_examples,
+        regenerate_chunked,
         regenerate_examples,
         save_examples,
     )
@@ -91,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
     engine = TorchTargetEngine.from_config(cfg.model, cfg.engine)
     convs = _workload_conversations(args.workload, args.num_conversations, args.seed)
     t0 = time.time()
-    if args.examples_cache and Path(args.examples_cache).is_file():
-        examples = load_examples(args.examples_cache)
+    cache = Path(args.examples_cache) if args.examples_cache else None
+    chunked = cache is not None and args.data == "regenerate" and cache.suffix != ".safetensors"
+    if cache is not None and cache.is_file():
+        examples = load_examples(str(cache))
         seqs = examples
     elif args.data == "text":
         seqs = encode_conversations(engine.tokenizer, convs, args.max_len)
@@ -100,9 +106,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         seqs = [_prompt_ids(engine.tokenizer, c, args.max_len) for c in convs]
         seqs = [s for s in seqs if s]
-        examples = regenerate_examples(engine, seqs, args.max_new_tokens)
-    if args.examples_cache and not Path(args.examples_cache).is_file():
-        save_examples(examples, args.examples_cache)
+        if chunked:
+            examples = regenerate_chunked(engine, seqs, args.max_new_tokens, str(cache), args.chunk_conversations)
+        else:
+            examples = regenerate_examples(engine, seqs, args.max_new_tokens)
+    if cache is not None and not chunked and not cache.is_file():
+        save_examples(examples, str(cache))
+    if args.generate_only:
+        print(json.dumps({"examples": len(examples), "tokens": sum(len(e.tokens) for e in examples),
+                          "seconds": time.time() - t0}))
+        return 0
     prefill_s = time.time() - t0
     n_eval = max(1, int(len(examples) * args.eval_fraction))
     held_out, train = examples[:n_eval], examples[n_eval:]

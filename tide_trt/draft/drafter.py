@@ -15,6 +15,7 @@ import torch
 
 from tide_trt.draft.eagle3 import Eagle3Head
 from tide_trt.engine.kv_cache import KVCache
+from tide_trt.kernels.linear import to_native_linears
 from tide_trt.spec.sampling import logits_to_probs, sample_from_probs
 
 
@@ -36,8 +37,9 @@ class DraftSampling:
 
 class ChainDrafter:
     def __init__(self, head: Eagle3Head, max_slots: int, max_seq_len: int, dtype: torch.dtype, device: str,
-                 version: int = 0):
-        self.dtype = dtype
+                 version: int = 0, native_linears: bool = False):
+        self.dtype = dtype  # activations (float32 with native linears, whose weights stay bfloat16)
+        self.native_linears = native_linears
         self.device = device
         self.max_seq_len = max_seq_len
         c = head.cfg
@@ -53,6 +55,8 @@ class ChainDrafter:
         head.embed = embed
         served.embed = embed
         served.to(device=self.device, dtype=self.dtype)
+        if self.native_linears:
+            to_native_linears(served)
         served.d2t = served.d2t.long()
         served.requires_grad_(False).eval()
         return served

@@ -73,7 +73,7 @@ class Eagle3Head(nn.Module):
     # ---- shared pieces ------------------------------------------------------------------------------------
     def fuse(self, captured: torch.Tensor) -> torch.Tensor:
         """captured [..., C, H] -> feature [..., H]."""
-        flat = captured.reshape(*captured.shape[:-2], -1).to(self.fc.weight.dtype)
+        flat = captured.reshape(*captured.shape[:-2], -1).to(self.final_norm.dtype)  # the activation dtype
         return self.fc(flat)
 
     def _embed_normed(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

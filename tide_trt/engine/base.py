@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -30,8 +32,14 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     max_seq_len: int
     max_batch_size: int
-    dtype: str
+    dtype: str  # the weights' dtype
     device: str
+    native_linears: bool = False  # bf16 weights with float32 activations in the native CPU kernel
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """dtype of hidden states, KV cache and the draft's activations."""
+        return torch.float32 if self.native_linears else DTYPES[self.dtype]
 
 
 @dataclass

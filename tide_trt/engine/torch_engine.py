@@ -7,7 +7,7 @@ import logging
 import torch
 
 from tide_trt.config import EngineConfig, ModelConfig
-from tide_trt.engine.base import ForwardOutput, ModelInfo, TargetEngine, default_capture_layers
+from tide_trt.engine.base import DTYPES, ForwardOutput, ModelInfo, TargetEngine, default_capture_layers
 from tide_trt.engine.kv_cache import KVCache
 from tide_trt.errors import TideError
 from tide_trt.models.llama import LlamaModel, LlamaWeights
@@ -15,13 +15,21 @@ from tide_trt.models.loader import LoadedCheckpoint, load_checkpoint, load_token
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise TideError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def use_native_linears(cfg: EngineConfig) -> bool:
+    """bf16 weights on CPU run in the native kernel with float32 activations, unless turned off or unbuildable."""
+    if cfg.cpu_kernels not in ("auto", "off"):
+        raise TideError(f"engine.cpu_kernels must be 'auto' or 'off', got {cfg.cpu_kernels!r}")
+    if cfg.cpu_kernels == "off" or cfg.device != "cpu" or cfg.dtype != "bfloat16":
+        return False
+    from tide_trt.kernels.linear import native_linears_available
+
+    return native_linears_available()
 
 
 class TorchTargetEngine(TargetEngine):
@@ -37,13 +45,15 @@ class TorchTargetEngine(TargetEngine):
             raise TideError(f"capture_layers must be 3 layer indices in [0, {arch.num_layers}], got {list(capture)}")
         if cfg.max_batch_size < 1 or cfg.max_seq_len < 8:
             raise TideError("engine.max_batch_size must be >= 1 and engine.max_seq_len >= 8")
+        native = use_native_linears(cfg)
+        compute = torch.float32 if native else dtype
         self.arch = arch
-        self.dtype = dtype
+        self.dtype = compute  # activations, KV cache, captured states
         self.device = cfg.device
-        self.weights = LlamaWeights(arch, ckpt.state, dtype, cfg.device)
-        self.model = LlamaModel(arch, self.weights, cfg.max_seq_len, dtype, cfg.device)
+        self.weights = LlamaWeights(arch, ckpt.state, dtype, cfg.device, compute_dtype=compute)
+        self.model = LlamaModel(arch, self.weights, cfg.max_seq_len, compute, cfg.device)
         self.cache = KVCache(arch.num_layers, cfg.max_batch_size, arch.num_kv_heads, cfg.max_seq_len,
-                             arch.head_dim, dtype, cfg.device)
+                             arch.head_dim, compute, cfg.device)
         self.capture_layers = capture
         self.tokenizer = tokenizer
         self.checkpoint_dir = ckpt.path
@@ -53,8 +63,10 @@ class TorchTargetEngine(TargetEngine):
             num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, intermediate_size=arch.intermediate_size,
             rms_norm_eps=arch.rms_norm_eps, rope_theta=arch.rope_theta, capture_layers=capture,
             eos_token_ids=arch.eos_token_ids, max_seq_len=cfg.max_seq_len, max_batch_size=cfg.max_batch_size,
-            dtype=cfg.dtype, device=cfg.device,
+            dtype=cfg.dtype, device=cfg.device, native_linears=native,
         )
+        log.info("torch engine: %s weights, %s activations%s", cfg.dtype, str(compute).removeprefix("torch."),
+                 " (native CPU kernel)" if native else "")
         self._lengths = [0] * cfg.max_batch_size
         self._free = list(range(cfg.max_batch_size - 1, -1, -1))  # pop() hands out low slots first
 

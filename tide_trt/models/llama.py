@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tide_trt.engine.kv_cache import KVCache
+from tide_trt.kernels.linear import linear
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class LlamaArch:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32, returned in x's dtype."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * weight.float()).to(x.dtype)
@@ -113,19 +116,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 class LlamaWeights:
-    """Weights in serving layout (fused QKV and gate/up), one dtype, one device."""
+    """Weights in serving layout (fused QKV and gate/up) on one device.
 
-    def __init__(self, arch: LlamaArch, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str):
-        def get(name: str) -> torch.Tensor:
-            return state[name].to(device=device, dtype=dtype).contiguous()
+    Linear weights are stored in `dtype`; norms in `compute_dtype` (the activations' dtype). With bf16 weights
+    and float32 activations on CPU ("native linears") every matmul, the LM head included, runs in the native
+    kernel (`tide_trt.kernels`), which reads half the bytes of float32 and is batch-invariant.
+    """
 
-        self.embed = get("model.embed_tokens.weight")  # [V, H]
-        self.norm = get("model.norm.weight")  # [H]
-        # The LM head runs in float32 whatever the engine dtype: bf16 logits (8-bit mantissa) tie exactly far
-        # too often, which makes greedy argmax depend on kernel shapes (see docs/ARCHITECTURE.md, losslessness).
+    def __init__(self, arch: LlamaArch, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
+                 compute_dtype: torch.dtype | None = None):
+        compute_dtype = compute_dtype or dtype
+        native = compute_dtype == torch.float32 and dtype == torch.bfloat16
+
+        def get(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
+            return state[name].to(device=device, dtype=as_dtype).contiguous()
+
+        self.embed = get("model.embed_tokens.weight")  # [V, H] (looked up, then cast to the compute dtype)
+        self.norm = get("model.norm.weight", compute_dtype)  # [H]
+        # Otherwise the LM head runs in float32 whatever the engine dtype: bf16 logits (8-bit mantissa) tie exactly
+        # far too often, which makes greedy argmax depend on kernel shapes (docs/ARCHITECTURE.md, losslessness).
         head_name = "lm_head.weight" if ("lm_head.weight" in state and not arch.tie_word_embeddings) \
             else "model.embed_tokens.weight"
-        self.lm_head = state[head_name].to(device=device, dtype=torch.float32).contiguous()  # [V, H] fp32
+        self.lm_head = get(head_name, torch.bfloat16 if native else torch.float32)  # [V, H]
         self.layers = []
         for i in range(arch.num_layers):
             p = f"model.layers.{i}."
@@ -133,10 +145,10 @@ class LlamaWeights:
                              get(p + "self_attn.v_proj.weight")], dim=0)  # [(Hq+2Hkv)*D, H]
             gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0)
             self.layers.append({
-                "input_norm": get(p + "input_layernorm.weight"),
+                "input_norm": get(p + "input_layernorm.weight", compute_dtype),
                 "qkv": qkv,
                 "o": get(p + "self_attn.o_proj.weight"),
-                "post_norm": get(p + "post_attention_layernorm.weight"),
+                "post_norm": get(p + "post_attention_layernorm.weight", compute_dtype),
                 "gate_up": gate_up,  # [2*I, H]
                 "down": get(p + "mlp.down_proj.weight"),  # [H, I]
             })
@@ -183,27 +195,27 @@ class LlamaModel:
         cos = self.cos[positions][:, None]  # [B, 1, T, D]
         sin = self.sin[positions][:, None]
         layout = cache.layout(slots, starts, t)
-        x = F.embedding(tokens, self.w.embed)  # [B, T, H]
+        x = F.embedding(tokens, self.w.embed).to(self.dtype)  # [B, T, H]
         states: dict[int, torch.Tensor] = {}
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         for i, lw in enumerate(self.w.layers):
             if i in capture_layers:
                 states[i] = x
             h = rms_norm(x, lw["input_norm"], a.rms_norm_eps)
-            qkv = F.linear(h, lw["qkv"])  # [B, T, (Hq+2Hkv)*D]
+            qkv = linear(h, lw["qkv"])  # [B, T, (Hq+2Hkv)*D]
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = apply_rope(q.view(bsz, t, a.num_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
             k = apply_rope(k.view(bsz, t, a.num_kv_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
             v = v.view(bsz, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
             k_all, v_all = cache.write_and_read(i, layout, k, v)  # [B, Hkv, Lk, D]
             attn = attention(q, k_all, v_all, layout.mask, layout.is_causal, self.scale)  # [B, Hq, T, D]
-            x = x + F.linear(attn.transpose(1, 2).reshape(bsz, t, q_size), lw["o"])
+            x = x + linear(attn.transpose(1, 2).reshape(bsz, t, q_size), lw["o"])
             h = rms_norm(x, lw["post_norm"], a.rms_norm_eps)
-            gate, up = F.linear(h, lw["gate_up"]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw["down"])
+            gate, up = linear(h, lw["gate_up"]).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, lw["down"])
         states[a.num_layers] = x  # the last layer's output (before the final norm)
         final = rms_norm(x, self.w.norm, a.rms_norm_eps)  # [B, T, H]
         sel = final if logit_index is None else torch.gather(
             final, 1, logit_index[:, :, None].expand(-1, -1, final.shape[-1]))
-        logits = F.linear(sel.float(), self.w.lm_head)  # [B, K, V] float32
+        logits = linear(sel.float(), self.w.lm_head)  # [B, K, V] float32
         return logits, torch.stack([states[c] for c in capture_layers], dim=2), final

@@ -33,7 +33,6 @@ from tide_trt.online.store import DraftStore, read_jsonl
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _files_key(path: Path) -> tuple[int, int]:
@@ -151,7 +150,7 @@ class RefitWatcher:
         except Exception as exc:  # anything unexpected in a checkpoint is a rejection, not a crash
             self._reject(want, key, f"{type(exc).__name__}: {exc}")
             return None
-        head.to(device=self.info.device, dtype=_DTYPES[self.info.dtype])  # the swap's conversion, done here
+        head.to(device=self.info.device, dtype=self.info.activation_dtype)  # the swap's conversion, done here
         self.stats["last_load_s"] = time.perf_counter() - t0
         with self._lock:
             self._ready = (want, head, manifest)
@@ -184,9 +183,8 @@ class RefitWatcher:
         old = generator.drafter.version if generator.drafter is not None else None
         if generator.drafter is None:
             info = self.info
-            generator.drafter = ChainDrafter(
-                head, info.max_batch_size, info.max_seq_len, _DTYPES[info.dtype], info.device, version=version
-            )
+            generator.drafter = ChainDrafter(head, info.max_batch_size, info.max_seq_len, info.activation_dtype,
+                                             info.device, version=version, native_linears=info.native_linears)
         else:
             generator.drafter.swap(head, version)
         self._served = version

@@ -77,7 +77,7 @@ def regenerate_examples(engine: TargetEngine, prompts: list[list[int]], max_new_
 
     gen = SpeculativeGenerator(engine)
     todo = list(enumerate(prompts))
-    examples: list[Example] = []
+    done: dict[int, Example] = {}
     bar = tqdm(total=len(prompts), unit="seq", desc="target generation", disable=not progress)
     while todo or gen.num_active:
         while todo and engine.num_free_slots > 0:
@@ -89,10 +89,38 @@ def regenerate_examples(engine: TargetEngine, prompts: list[list[int]], max_new_
                 n = len(seq.tokens) - 1  # the last token is pending: no capture state yet
                 hidden = gen.history[seq.slot, :n].to(torch.bfloat16).clone()  # [n, C, H]
                 labels = [-1] * (seq.num_prompt - 1) + seq.tokens[seq.num_prompt:]
-                examples.append(Example(hidden, seq.tokens[:n], labels[:n]))
+                done[int(rid)] = Example(hidden, seq.tokens[:n], labels[:n])
                 gen.release(rid)
                 bar.update(1)
     bar.close()
+    return [done[i] for i in range(len(prompts))]  # prompt order
+
+
+def regenerate_chunked(engine: TargetEngine, prompts: list[list[int]], max_new_tokens: int, cache_dir: str,
+                       chunk_size: int = 256, progress: bool = True) -> list[Example]:
+    """`regenerate_examples` in resumable chunks: chunk i (prompts [i*chunk_size, (i+1)*chunk_size)) is saved to
+    `cache_dir/chunk_{i:05d}.safetensors` as soon as it is done and loaded instead of regenerated next time, so
+    a long self-distillation run can be stopped and continued, or grown by asking for more prompts."""
+    from pathlib import Path
+
+    root = Path(cache_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    examples: list[Example] = []
+    for i in range(0, len(prompts), chunk_size):
+        path = root / f"chunk_{i // chunk_size:05d}_of{chunk_size}.safetensors"
+        part = prompts[i:i + chunk_size]
+        if path.is_file():
+            chunk = load_examples(str(path))
+            if len(chunk) != len(part) or any(e.tokens[:len(p)] != p for e, p in zip(chunk, part, strict=True)):
+                raise ValueError(f"{path} holds other prompts than this run's chunk {i // chunk_size}; "
+                                 "use another --examples-cache directory")
+        else:
+            chunk = regenerate_examples(engine, part, max_new_tokens, progress=progress)
+            tmp = path.with_suffix(".tmp")
+            save_examples(chunk, str(tmp))
+            tmp.replace(path)  # a chunk is either complete or absent
+            log.info("saved %s (%d sequences, %d tokens)", path, len(chunk), sum(len(e.tokens) for e in chunk))
+        examples.extend(chunk)
     return examples
 
 
