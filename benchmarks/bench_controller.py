@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from benchmarks.common import closed_loop, machine, write_json
+from benchmarks.common import closed_loop, machine, merge_runs, write_json
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,9 @@ def _mismatched(engine, trained):
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.5)
-    return ChainDrafter(head, engine.info.max_batch_size, engine.info.max_seq_len, engine.dtype, "cpu")
+    info = engine.info
+    return ChainDrafter(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, "cpu",
+                        native_linears=info.native_linears)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--gamma-max", type=int, default=4)
     p.add_argument("--static-gamma", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2,
+                   help="the three systems take turns this many times per point (rotating who goes first)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -68,24 +72,26 @@ def main(argv: list[str] | None = None) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "static_gamma": args.static_gamma,
         "gamma_max": args.gamma_max,
+        "repeats": args.repeats,
+        "native_linears": engine.info.native_linears,
         "profile": profile.to_dict(),
         "points": [],
     }
     for c in args.concurrency:
-        base = closed_loop(SpeculativeGenerator(engine, None), prompts, c, args.max_new_tokens, StaticGamma(0), eos=eos)
         for name, drafter in drafts.items():
-            static = closed_loop(
-                SpeculativeGenerator(engine, drafter),
-                prompts,
-                c,
-                args.max_new_tokens,
-                StaticGamma(args.static_gamma),
-                eos=eos,
-            )
             plugin = ControllerPlugin(ControllerConfig(mode="adaptive"), profile, args.gamma_max, args.static_gamma)
-            adaptive = closed_loop(
-                SpeculativeGenerator(engine, drafter), prompts, c, args.max_new_tokens, plugin, [plugin], eos=eos
-            )
+            systems = {  # the adaptive controller keeps its state across repeats, like a running server
+                "no_spec": lambda: (SpeculativeGenerator(engine, None), StaticGamma(0), []),
+                "static": lambda d=drafter: (SpeculativeGenerator(engine, d), StaticGamma(args.static_gamma), []),
+                "adaptive": lambda d=drafter, pl=plugin: (SpeculativeGenerator(engine, d), pl, [pl]),
+            }
+            runs: dict[str, list[dict]] = {k: [] for k in systems}
+            order = list(systems)
+            for r in range(args.repeats):
+                for k in order[r % 3:] + order[: r % 3]:
+                    gen, policy, plugins = systems[k]()
+                    runs[k].append(closed_loop(gen, prompts, c, args.max_new_tokens, policy, plugins, eos=eos))
+            base, static, adaptive = (merge_runs(runs[k]) for k in order)
             best = max(base["tokens_per_s"], static["tokens_per_s"])
             alpha = static["acceptance"] or 0.0
             predicted = predicted_speedup(alpha, args.static_gamma, c, profile)

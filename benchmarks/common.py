@@ -26,6 +26,7 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX2 / AVX512: decides which GEMMs are fast
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -81,4 +82,27 @@ def closed_loop(
         "tau": decode_tokens / steps if steps else 1.0,
         "acceptance": accepted / drafted if drafted else None,
         "gamma_steps": gammas,
+    }
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """Sum repeated `closed_loop` results of one system into one (throughput = all tokens / all seconds)."""
+    tokens = sum(r["tokens"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    steps = sum(r["steps"] for r in runs)
+    decode = sum(r["tau"] * r["steps"] for r in runs)
+    drafted = [r for r in runs if r["acceptance"] is not None]
+    gammas: dict[int, int] = {}
+    for r in runs:
+        for g, n in r["gamma_steps"].items():
+            gammas[g] = gammas.get(g, 0) + n
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "steps": steps,
+        "tau": decode / steps if steps else 1.0,
+        "acceptance": sum(r["acceptance"] for r in drafted) / len(drafted) if drafted else None,
+        "gamma_steps": gammas,
+        "repeats_tokens_per_s": [r["tokens_per_s"] for r in runs],
     }

@@ -108,7 +108,7 @@ class TrainerConfig:
     train_on_prompt: bool = False  # also learn prompt-token labels (user text); output labels always
     eval_gamma: int = 3  # chain length of the held-out simulated acceptance
     gate_baseline: str = "served"  # "served" (Algorithm 1) | "parent" (old draft on held-out) | "max"
-    autocast: bool = True  # bf16 autocast for training matmuls on CPU/CUDA (weights stay float32)
+    autocast: bool = True  # bf16 autocast for training matmuls on CUDA and bf16-capable CPUs (weights stay fp32)
     save_dtype: str = "bfloat16"  # dtype of published versions
     max_round_seconds: float = 0.0  # 0 = no time budget per round
 

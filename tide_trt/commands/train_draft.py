@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-draft", help="train an EAGLE-3 draft offline from a workload")
     add_config_args(p)
     p.add_argument("--workload", choices=["sharegpt", "humaneval"], default="sharegpt")
-    p.add_argument("--data", choices=["regenerate", "text"], default="regenerate",
+    p.add_argument("--data", choices=["regenerate", "text", "cached"], default="regenerate",
                    help="regenerate: the target answers the workload's prompts and the draft learns its own "
                         "outputs (self-distillation, states captured while generating); text: target prefill over "
                         "the workload's conversation text (recompute path)")
@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                             "chunks, each saved when done and reused on the next run")
     p.add_argument("--chunk-conversations", type=int, default=256, help="prompts per chunk in a cache directory")
     p.add_argument("--generate-only", action="store_true", help="stop after the training states are cached")
+    p.add_argument("--extra-examples", nargs="+", default=[],
+                   help="more cached training states to train on (a .safetensors file or a chunk directory), "
+                        "e.g. the --data text cache next to a regenerate one")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.set_defaults(func=run)
 
@@ -71,19 +74,53 @@ def _prompt_ids(tokenizer, conv, max_len: int) -> list[int]:
     return ids if len(ids) <= max_len else []
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _command_line() -> str:
+    return "tide " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("tide") else shlex.join(sys.argv)
 
-    from tide_trt.draft.checkpoint import save_draft
-    from tide_trt.engine.torch_engine import TorchTargetEngine
+
+def _collect_examples(args: argparse.Namespace, engine) -> tuple[list, list[dict]]:
+    """Training examples per --data, read from or written to --examples-cache; returns them and their sources
+    (path + the generating command, stored in the safetensors header)."""
     from tide_trt.training.data import (
+        cached_examples_metadata,
         encode_conversations,
-        load_examples,
+        load_cached_examples,
         recompute_examples,
         regenerate_chunked,
         regenerate_examples,
         save_examples,
     )
+
+    cache = Path(args.examples_cache) if args.examples_cache else None
+    if args.data == "cached" or (cache is not None and cache.is_file()):
+        if cache is None:
+            raise TideError("--data cached needs --examples-cache (a .safetensors file or a chunk directory)")
+        return load_cached_examples(str(cache)), [{"path": str(cache), **cached_examples_metadata(str(cache))}]
+    meta = {"command": _command_line(), "source": args.data, "workload": args.workload, "max_len": str(args.max_len),
+            "max_new_tokens": str(args.max_new_tokens), "model": engine.info.fingerprint,
+            "engine": f"{engine.info.dtype} weights, native_linears={engine.info.native_linears}"}
+    convs = _workload_conversations(args.workload, args.num_conversations, args.seed)
+    chunked = cache is not None and args.data == "regenerate" and cache.suffix != ".safetensors"
+    if args.data == "text":
+        examples = recompute_examples(engine, encode_conversations(engine.tokenizer, convs, args.max_len))
+    else:
+        seqs = [s for s in (_prompt_ids(engine.tokenizer, c, args.max_len) for c in convs) if s]
+        if chunked:
+            examples = regenerate_chunked(engine, seqs, args.max_new_tokens, str(cache), args.chunk_conversations,
+                                          metadata=meta)
+        else:
+            examples = regenerate_examples(engine, seqs, args.max_new_tokens)
+    if cache is not None and not chunked:
+        save_examples(examples, str(cache), meta)
+    return examples, [{"path": str(cache) if cache else None, **meta}]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tide_trt.draft.checkpoint import save_draft
+    from tide_trt.engine.torch_engine import TorchTargetEngine
+    from tide_trt.training.data import cached_examples_metadata, load_cached_examples
     from tide_trt.training.offline import TrainSettings, build_vocab_and_head, evaluate_head, train_head
 
     if args.num_conversations < 2 or not 0 < args.eval_fraction < 0.5:
@@ -93,37 +130,27 @@ def run(args: argparse.Namespace) -> int:
     cfg.engine.max_seq_len = args.max_len + 8 + (args.max_new_tokens if args.data == "regenerate" else 0)
     torch.manual_seed(args.seed)
     engine = TorchTargetEngine.from_config(cfg.model, cfg.engine)
-    convs = _workload_conversations(args.workload, args.num_conversations, args.seed)
     t0 = time.time()
-    cache = Path(args.examples_cache) if args.examples_cache else None
-    chunked = cache is not None and args.data == "regenerate" and cache.suffix != ".safetensors"
-    if cache is not None and cache.is_file():
-        examples = load_examples(str(cache))
-        seqs = examples
-    elif args.data == "text":
-        seqs = encode_conversations(engine.tokenizer, convs, args.max_len)
-        examples = recompute_examples(engine, seqs)
-    else:
-        seqs = [_prompt_ids(engine.tokenizer, c, args.max_len) for c in convs]
-        seqs = [s for s in seqs if s]
-        if chunked:
-            examples = regenerate_chunked(engine, seqs, args.max_new_tokens, str(cache), args.chunk_conversations)
-        else:
-            examples = regenerate_examples(engine, seqs, args.max_new_tokens)
-    if cache is not None and not chunked and not cache.is_file():
-        save_examples(examples, str(cache))
+    examples, sources = _collect_examples(args, engine)
     if args.generate_only:
         print(json.dumps({"examples": len(examples), "tokens": sum(len(e.tokens) for e in examples),
                           "seconds": time.time() - t0}))
         return 0
+    for extra in args.extra_examples:
+        examples.extend(load_cached_examples(extra))
+        sources.append({"path": extra, **cached_examples_metadata(extra)})
     prefill_s = time.time() - t0
     n_eval = max(1, int(len(examples) * args.eval_fraction))
     held_out, train = examples[:n_eval], examples[n_eval:]
     if args.init:
         from tide_trt.draft.checkpoint import load_draft
+        from tide_trt.runtime import resolve_draft_path
         from tide_trt.training.vocab import t2d_from_d2t
 
-        head, parent = load_draft(args.init, engine.info, engine.embedding_weight())
+        init = resolve_draft_path(args.init)
+        if init is None:
+            raise TideError("--init needs a draft checkpoint directory or 'default'")
+        head, parent = load_draft(init, engine.info, engine.embedding_weight())
         t2d = t2d_from_d2t(head.d2t, engine.info.vocab_size)
         labels = torch.tensor([t for e in train for t in e.labels if t >= 0])
         coverage = float((t2d[labels] >= 0).float().mean()) if labels.numel() else 0.0
@@ -134,9 +161,10 @@ def run(args: argparse.Namespace) -> int:
     history = train_head(head, train, t2d, settings, max_seconds=args.max_train_seconds)
     report = {g: evaluate_head(head, held_out, t2d, g) for g in (1, 3, 5)}
     manifest = {
-        "version": 0, "parent": args.init, "trained_by": "tide train-draft (offline, recompute path)",
-        "command": "tide " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("tide") else shlex.join(sys.argv),
-        "data": {"workload": args.workload, "source": args.data, "conversations": len(seqs),
+        "version": 0, "parent": args.init, "parent_manifest_command": parent.get("command") if args.init else None,
+        "trained_by": "tide train-draft (offline, recompute path)",
+        "command": _command_line(),
+        "data": {"workload": args.workload, "source": args.data, "sequences": len(examples), "sources": sources,
                  "max_len": args.max_len, "max_new_tokens": args.max_new_tokens,
                  "train_tokens": history["train_tokens"], "heldout_sequences": n_eval, "seed": args.seed},
         "draft_vocab_coverage": coverage, "ttt_steps": args.ttt_steps, "epochs": args.epochs,

@@ -127,13 +127,16 @@ class Eagle3Head(nn.Module):
         return last, self.logits(last)
 
     # ---- training: training-time test (unrolled chain) ---------------------------------------------------
-    def ttt_forward(self, captured: torch.Tensor, next_tokens: torch.Tensor, num_steps: int) -> list[torch.Tensor]:
+    def ttt_forward(self, captured: torch.Tensor, next_tokens: torch.Tensor, num_steps: int,
+                    return_hidden: bool = False) -> list[torch.Tensor]:
         """captured [B, T, C, H] target states at positions 0..T-1, next_tokens [B, T] token p+1 of entry p.
 
         Step 0 uses target features; step j >= 1 feeds each position the draft's own step-(j-1) output of the
         previous position, and attends to true entries <= q-j plus its own chain (the diagonal), exactly the
         view the serving chain has after j drafted tokens. Returns per-step draft-vocab logits [B, T, Vd]
         (entry q of step j predicts token q+2; rows q < j are invalid and must be masked by the caller).
+        With return_hidden, per-step draft hidden states [B, T, H] instead, so a loss can run the LM head
+        (the dominant cost) on the labelled rows only.
         """
         c = self.cfg
         b, t = next_tokens.shape
@@ -170,7 +173,7 @@ class Eagle3Head(nn.Module):
             for i, vi in enumerate(diag_values):
                 attn = attn + probs[..., t + i: t + i + 1] * vi
             hidden = self._finish(feature, attn)  # [B, T, H]
-            outputs.append(self.logits(hidden))
+            outputs.append(hidden if return_hidden else self.logits(hidden))
             # the next step sees, at position q, this step's output at q-1
             feature = torch.cat([hidden[:, :1] * 0, hidden[:, :-1]], dim=1)
         return outputs

@@ -91,9 +91,9 @@ def monotone_profile(profile: LatencyProfile) -> LatencyProfile:
 
 def cached_engine_profile(engine: TargetEngine, drafter: ChainDrafter | None, gamma_max: int,
                           cache_dir: str | Path | None = None, refresh: bool = False) -> LatencyProfile:
-    """load_or_profile keyed by (model, device, dtype, threads, draft shape, batch sizes)."""
-    key = {"version": 2, "model": engine.info.fingerprint, "device": engine.info.device, "dtype": engine.info.dtype,
-           "threads": torch.get_num_threads(), "gamma_max": gamma_max,
+    """load_or_profile keyed by (model, device, dtype, kernels, threads, draft shape, batch sizes)."""
+    key = {"version": 3, "model": engine.info.fingerprint, "device": engine.info.device, "dtype": engine.info.dtype,
+           "native_linears": engine.info.native_linears, "threads": torch.get_num_threads(), "gamma_max": gamma_max,
            "draft_vocab": drafter.cfg.draft_vocab_size if drafter else 0,
            "batch_sizes": _batch_sizes(engine, DEFAULT_BATCH_SIZES), "backend": type(engine).__name__}
     root = Path(cache_dir) if cache_dir else default_cache_dir() / "profiles"

@@ -36,6 +36,7 @@ from tide_trt.errors import CheckpointError, TideError
 from tide_trt.online.drift import TrainingGate
 from tide_trt.online.signals import STORE_DTYPES, SignalSequence, read_shard
 from tide_trt.online.store import DraftStore, SignalStore
+from tide_trt.training.offline import fast_bf16_matmul
 from tide_trt.training.ttt import Batch, collate, ttt_loss
 from tide_trt.training.vocab import t2d_from_d2t
 
@@ -147,6 +148,7 @@ def fit(head: Eagle3Head, chunks: list[Chunk], t2d: torch.Tensor, tc: TrainerCon
     t0 = time.perf_counter()
     losses: list[float] = []
     done = 0
+    use_autocast = tc.autocast and (dev_type == "cuda" or fast_bf16_matmul())  # AVX2-only CPUs: bf16 is slower
     for _ in range(steps):
         if stop is not None and stop.is_set():
             raise InterruptedError("trainer stopping")
@@ -159,7 +161,7 @@ def fit(head: Eagle3Head, chunks: list[Chunk], t2d: torch.Tensor, tc: TrainerCon
             order.extend(fresh)
         batch = _to(collate([chunks[i] for i in order[: tc.batch_size]]), tc.device)
         del order[: tc.batch_size]
-        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=tc.autocast):
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=use_autocast):
             loss = round_loss(head, batch, t2d, tc.ttt_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()

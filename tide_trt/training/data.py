@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from tide_trt.engine.base import TargetEngine
+from tide_trt.errors import TideError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,8 @@ def regenerate_examples(engine: TargetEngine, prompts: list[list[int]], max_new_
 
 
 def regenerate_chunked(engine: TargetEngine, prompts: list[list[int]], max_new_tokens: int, cache_dir: str,
-                       chunk_size: int = 256, progress: bool = True) -> list[Example]:
+                       chunk_size: int = 256, progress: bool = True,
+                       metadata: dict[str, str] | None = None) -> list[Example]:
     """`regenerate_examples` in resumable chunks: chunk i (prompts [i*chunk_size, (i+1)*chunk_size)) is saved to
     `cache_dir/chunk_{i:05d}.safetensors` as soon as it is done and loaded instead of regenerated next time, so
     a long self-distillation run can be stopped and continued, or grown by asking for more prompts."""
@@ -117,15 +119,16 @@ def regenerate_chunked(engine: TargetEngine, prompts: list[list[int]], max_new_t
         else:
             chunk = regenerate_examples(engine, part, max_new_tokens, progress=progress)
             tmp = path.with_suffix(".tmp")
-            save_examples(chunk, str(tmp))
+            save_examples(chunk, str(tmp), metadata)
             tmp.replace(path)  # a chunk is either complete or absent
             log.info("saved %s (%d sequences, %d tokens)", path, len(chunk), sum(len(e.tokens) for e in chunk))
         examples.extend(chunk)
     return examples
 
 
-def save_examples(examples: list[Example], path: str) -> None:
-    """Store examples as one safetensors file (hidden states, tokens, labels, sequence offsets)."""
+def save_examples(examples: list[Example], path: str, metadata: dict[str, str] | None = None) -> None:
+    """Store examples as one safetensors file (hidden states, tokens, labels, sequence offsets); `metadata`
+    (how they were made: command, workload, model) goes into the safetensors header."""
     from safetensors.torch import save_file
 
     offsets = [0]
@@ -136,7 +139,7 @@ def save_examples(examples: list[Example], path: str) -> None:
         "token_ids": torch.tensor([t for e in examples for t in e.tokens], dtype=torch.long),  # [N]
         "labels": torch.tensor([t for e in examples for t in e.labels], dtype=torch.long),  # [N]
         "seq_offsets": torch.tensor(offsets, dtype=torch.long),  # [S+1]
-    }, path)
+    }, path, metadata=metadata)
 
 
 def load_examples(path: str) -> list[Example]:
@@ -146,3 +149,32 @@ def load_examples(path: str) -> list[Example]:
     off = d["seq_offsets"].tolist()
     return [Example(d["hidden_states"][a:b], d["token_ids"][a:b].tolist(), d["labels"][a:b].tolist())
             for a, b in zip(off[:-1], off[1:], strict=True)]
+
+
+def load_cached_examples(path: str) -> list[Example]:
+    """Examples from a `save_examples` file or a `regenerate_chunked` directory (all its chunks, in order)."""
+    from pathlib import Path
+
+    root = Path(path)
+    if root.is_dir():
+        chunks = sorted(root.glob("chunk_*.safetensors"))
+        if not chunks:
+            raise TideError(f"no chunk_*.safetensors in {root}")
+        return [e for chunk in chunks for e in load_examples(str(chunk))]
+    if not root.is_file():
+        raise TideError(f"training examples not found: {root}")
+    return load_examples(str(root))
+
+
+def cached_examples_metadata(path: str) -> dict[str, str]:
+    """The header metadata of a `save_examples` file, or of the first chunk of a chunk directory."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    root = Path(path)
+    first = min(root.glob("chunk_*.safetensors"), default=None) if root.is_dir() else root
+    if first is None or not first.is_file():
+        return {}
+    with safe_open(str(first), "pt") as f:
+        return dict(f.metadata() or {})

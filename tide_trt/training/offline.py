@@ -7,6 +7,7 @@ with a held-out simulated acceptance.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -35,7 +36,21 @@ class TrainSettings:
     eval_gamma: int = 3
     seed: int = 0
     chunk_len: int = 256  # examples are cut into chunks of at most this many positions for training
-    bf16_autocast: bool = True  # CPU AVX512-bf16 / GPU tensor cores; master weights stay float32
+    # bf16 autocast where bf16 matmuls are fast (AVX512-bf16/AMX CPUs, GPUs); master weights stay float32.
+    # On AVX2-only CPUs bf16 GEMMs run ~4x slower than float32, so training stays float32 there.
+    bf16_autocast: bool = dataclasses.field(default_factory=lambda: fast_bf16_matmul())
+
+
+def fast_bf16_matmul() -> bool:
+    """True on CUDA and on CPUs with native bf16 dot products (avx512_bf16 / amx_bf16)."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def new_head(engine: TargetEngine, d2t: torch.Tensor) -> Eagle3Head:
@@ -81,14 +96,16 @@ def train_head(head: Eagle3Head, train: list[Example], t2d: torch.Tensor, s: Tra
     steps = max(1, math.ceil(len(chunks) * s.epochs / s.batch_size))
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / steps))))
     head.train()
     order: list[int] = []
     accs: list[float] = []
     t0 = time.time()
     bar = tqdm(range(steps), desc="draft training", disable=not progress)
-    for _ in bar:
+    for k in bar:
+        # warm-up, then cosine to 10 % over the step budget or the time budget, whichever runs out first
+        progress = k / steps if max_seconds is None else max(k / steps, (time.time() - t0) / max_seconds)
+        for group in opt.param_groups:
+            group["lr"] = s.lr * min(1.0, (k + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1))))
         if len(order) < s.batch_size:
             fresh = list(range(len(chunks)))
             rng.shuffle(fresh)
@@ -102,7 +119,6 @@ def train_head(head: Eagle3Head, train: list[Example], t2d: torch.Tensor, s: Tra
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{accs[0]:.2f}")
         if max_seconds is not None and time.time() - t0 > max_seconds:
             log.info("training stopped at its time budget (%.0f s)", max_seconds)

@@ -48,20 +48,22 @@ def ttt_loss(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, num_steps: int, 
              ) -> tuple[torch.Tensor, list[float]]:
     """Weighted cross-entropy over the unrolled steps; returns (loss, per-step top-1 accuracy)."""
     next_tokens, labels = _targets(batch, t2d)
-    outs = head.ttt_forward(batch.hidden, next_tokens, num_steps)
+    hiddens = head.ttt_forward(batch.hidden, next_tokens, num_steps, return_hidden=True)
     total = torch.zeros(())
     accs = []
-    for j, logits in enumerate(outs):
+    for j, hidden in enumerate(hiddens):
         lab = labels.clone()
         lab[:, :j] = -1  # rows q < j have no valid chain
-        n_valid = int((lab >= 0).sum())
+        valid = lab >= 0  # [B, T]
+        n_valid = int(valid.sum())
         if n_valid == 0:
             accs.append(0.0)
             continue
-        total = total + (decay ** j) * F.cross_entropy(logits.flatten(0, 1).float(), lab.flatten(),
-                                                       ignore_index=-1)
+        logits = head.logits(hidden[valid])  # [n_valid, Vd]: the LM head only where there is a label
+        target = lab[valid]  # [n_valid]
+        total = total + (decay ** j) * F.cross_entropy(logits.float(), target)
         with torch.no_grad():
-            accs.append(float(((logits.argmax(-1) == lab) & (lab >= 0)).sum()) / n_valid)
+            accs.append(float((logits.argmax(-1) == target).sum()) / n_valid)
     return total, accs
 
 
