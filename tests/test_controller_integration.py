@@ -20,8 +20,10 @@ GAMMA_MAX = 4
 
 @pytest.fixture(scope="module")
 def setup(default_checkpoint, default_tokenizer, default_draft_dir):
+    # the CPU serving mode (native kernel): whether speculation pays depends on the engine's real costs, and
+    # bf16 end to end on an AVX2-only CPU makes verification 2-3x a decode step, where the controller rightly stops
     engine = make_engine(default_checkpoint, dtype="bfloat16", max_batch_size=2, max_seq_len=384,
-                         tokenizer=default_tokenizer)
+                         tokenizer=default_tokenizer, cpu_kernels="auto")
     trained = build_drafter(engine, default_draft_dir)
     profile = profile_engine(engine, trained, GAMMA_MAX, batch_sizes=(1,), context_len=64, repeats=2)
     return engine, trained, profile
@@ -36,7 +38,9 @@ def _random_drafter(engine, trained):
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.5)  # deliberately mismatched: proposals are noise
-    return ChainDrafter(head, engine.info.max_batch_size, engine.info.max_seq_len, engine.dtype, "cpu")
+    info = engine.info
+    return ChainDrafter(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, "cpu",
+                        native_linears=info.native_linears)
 
 
 def _run(engine, drafter, profile, prompt: str, max_new: int):
