@@ -73,12 +73,19 @@ def closed_loop(
         for rid, seq in list(gen.sequences.items()):
             if seq.finished:
                 gen.release(rid)
-    seconds = time.perf_counter() - t0
+    return _run_summary(tokens, time.perf_counter() - t0, steps, decode_tokens, drafted, accepted, gammas)
+
+
+def _run_summary(tokens: int, seconds: float, steps: int, decode_tokens: int, drafted: int, accepted: int,
+                 gammas: dict[int, int]) -> dict:
     return {
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
         "steps": steps,
+        "decode_tokens": decode_tokens,
+        "drafted": drafted,
+        "accepted": accepted,
         "tau": decode_tokens / steps if steps else 1.0,
         "acceptance": accepted / drafted if drafted else None,
         "gamma_steps": gammas,
@@ -87,22 +94,10 @@ def closed_loop(
 
 def merge_runs(runs: list[dict]) -> dict:
     """Sum repeated `closed_loop` results of one system into one (throughput = all tokens / all seconds)."""
-    tokens = sum(r["tokens"] for r in runs)
-    seconds = sum(r["seconds"] for r in runs)
-    steps = sum(r["steps"] for r in runs)
-    decode = sum(r["tau"] * r["steps"] for r in runs)
-    drafted = [r for r in runs if r["acceptance"] is not None]
     gammas: dict[int, int] = {}
     for r in runs:
         for g, n in r["gamma_steps"].items():
             gammas[g] = gammas.get(g, 0) + n
-    return {
-        "tokens": tokens,
-        "seconds": seconds,
-        "tokens_per_s": tokens / seconds,
-        "steps": steps,
-        "tau": decode / steps if steps else 1.0,
-        "acceptance": sum(r["acceptance"] for r in drafted) / len(drafted) if drafted else None,
-        "gamma_steps": gammas,
-        "repeats_tokens_per_s": [r["tokens_per_s"] for r in runs],
-    }
+    summed = ("tokens", "seconds", "steps", "decode_tokens", "drafted", "accepted")
+    totals = {k: sum(r[k] for r in runs) for k in summed}
+    return {**_run_summary(**totals, gammas=gammas), "repeats_tokens_per_s": [r["tokens_per_s"] for r in runs]}

@@ -38,9 +38,7 @@ def _random_drafter(engine, trained):
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.5)  # deliberately mismatched: proposals are noise
-    info = engine.info
-    return ChainDrafter(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, "cpu",
-                        native_linears=info.native_linears)
+    return ChainDrafter.for_engine(head, engine.info)
 
 
 def _run(engine, drafter, profile, prompt: str, max_new: int):

@@ -46,9 +46,7 @@ def build_engine(cfg: TideConfig) -> TargetEngine:
 def build_drafter(engine: TargetEngine, draft_path: str | Path) -> ChainDrafter:
     """Load + validate a draft checkpoint for this engine and wrap it in a serving drafter."""
     head, manifest = load_draft(draft_path, engine.info, engine.embedding_weight())
-    info = engine.info
-    return ChainDrafter(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, info.device,
-                        version=int(manifest.get("version", 0)), native_linears=info.native_linears)
+    return ChainDrafter.for_engine(head, engine.info, version=int(manifest.get("version", 0)))
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:

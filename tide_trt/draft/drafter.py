@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tide_trt.draft.eagle3 import Eagle3Head
+from tide_trt.engine.base import ModelInfo
 from tide_trt.engine.kv_cache import KVCache
 from tide_trt.kernels.linear import to_native_linears
 from tide_trt.spec.sampling import logits_to_probs, sample_from_probs
@@ -47,6 +48,13 @@ class ChainDrafter:
         self.cached = [0] * max_slots
         self.head = self._serving_copy(head)
         self.version = version
+
+    @classmethod
+    def for_engine(cls, head: Eagle3Head, info: ModelInfo, version: int = 0) -> ChainDrafter:
+        """A drafter sized and typed for the engine described by `info` (slots, context, activation dtype,
+        native linears)."""
+        return cls(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, info.device,
+                   version=version, native_linears=info.native_linears)
 
     def _serving_copy(self, head: Eagle3Head) -> Eagle3Head:
         embed = head.embed

@@ -15,6 +15,7 @@ from tide_trt.models.loader import LoadedCheckpoint, load_checkpoint, load_token
 
 log = logging.getLogger(__name__)
 
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise TideError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")

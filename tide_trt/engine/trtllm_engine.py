@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tide_trt.config import EngineConfig, ModelConfig, default_cache_dir
-from tide_trt.engine.base import ForwardOutput, ModelInfo, TargetEngine, default_capture_layers
+from tide_trt.engine.base import DTYPES, ForwardOutput, ModelInfo, TargetEngine, default_capture_layers
 from tide_trt.engine.trtllm_layout import (
     PackedBatch,
     SlotTable,
@@ -38,7 +38,6 @@ MANIFEST_FORMAT = "tide-trtllm-engine-v1"
 CAPTURE_OUTPUT = "tide_capture_hidden"  # [num_tokens, 3, hidden] network output of the capture plugin
 ENGINE_DIR_ENV = "TIDE_TRTLLM_ENGINE_DIR"
 DEFAULT_TOKENS_PER_BLOCK = 32
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def require_trtllm() -> tuple[Any, Any]:
@@ -296,7 +295,7 @@ class TrtllmTargetEngine(TargetEngine):
         self.capture_output = str(manifest.get("capture_output", "tide_capture_hidden"))
         if self.capture_output not in self.session.outputs or "logits" not in self.session.outputs:
             raise TideError(f"engine outputs {self.session.outputs} lack 'logits' or {self.capture_output!r}")
-        self.dtype = _DTYPES[cfg.dtype]
+        self.dtype = DTYPES[cfg.dtype]
         self.device = cfg.device
         self.arch = arch
         self.capture_layers = capture

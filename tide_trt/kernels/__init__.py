@@ -25,6 +25,20 @@ def cpu_supports_avx2() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
+def fast_bf16_matmul() -> bool:
+    """True on CUDA and on CPUs with native bf16 dot products (avx512_bf16 / amx_bf16); elsewhere bf16 matmuls
+    run ~4x slower than float32, so training skips bf16 autocast."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.lru_cache(maxsize=1)
 def load_gemm_bf16w() -> ModuleType | None:
     """The compiled kernel module, or None (with the reason logged once) when it cannot be built here."""
     if os.environ.get("TIDE_DISABLE_NATIVE") == "1":

@@ -34,7 +34,6 @@ from tide_trt.online.store import DraftStore, read_jsonl
 log = logging.getLogger(__name__)
 
 
-
 def _files_key(path: Path) -> tuple[int, int]:
     try:
         return (path / WEIGHTS).stat().st_mtime_ns, (path / CONFIG).stat().st_mtime_ns
@@ -182,9 +181,7 @@ class RefitWatcher:
         t0 = time.perf_counter()
         old = generator.drafter.version if generator.drafter is not None else None
         if generator.drafter is None:
-            info = self.info
-            generator.drafter = ChainDrafter(head, info.max_batch_size, info.max_seq_len, info.activation_dtype,
-                                             info.device, version=version, native_linears=info.native_linears)
+            generator.drafter = ChainDrafter.for_engine(head, self.info, version=version)
         else:
             generator.drafter.swap(head, version)
         self._served = version

@@ -33,10 +33,10 @@ from tide_trt.draft.checkpoint import load_draft, read_draft_config, save_draft
 from tide_trt.draft.eagle3 import Eagle3Head
 from tide_trt.engine.base import ModelInfo, default_capture_layers
 from tide_trt.errors import CheckpointError, TideError
+from tide_trt.kernels import fast_bf16_matmul
 from tide_trt.online.drift import TrainingGate
 from tide_trt.online.signals import STORE_DTYPES, SignalSequence, read_shard
 from tide_trt.online.store import DraftStore, SignalStore
-from tide_trt.training.offline import fast_bf16_matmul
 from tide_trt.training.ttt import Batch, collate, ttt_loss
 from tide_trt.training.vocab import t2d_from_d2t
 

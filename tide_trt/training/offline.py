@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from tide_trt.draft.eagle3 import Eagle3Config, Eagle3Head
 from tide_trt.engine.base import TargetEngine
+from tide_trt.kernels import fast_bf16_matmul
 from tide_trt.training.data import Example
 from tide_trt.training.ttt import collate, simulated_acceptance, ttt_loss
 from tide_trt.training.vocab import build_draft_vocab
@@ -38,19 +39,7 @@ class TrainSettings:
     chunk_len: int = 256  # examples are cut into chunks of at most this many positions for training
     # bf16 autocast where bf16 matmuls are fast (AVX512-bf16/AMX CPUs, GPUs); master weights stay float32.
     # On AVX2-only CPUs bf16 GEMMs run ~4x slower than float32, so training stays float32 there.
-    bf16_autocast: bool = dataclasses.field(default_factory=lambda: fast_bf16_matmul())
-
-
-def fast_bf16_matmul() -> bool:
-    """True on CUDA and on CPUs with native bf16 dot products (avx512_bf16 / amx_bf16)."""
-    if torch.cuda.is_available():
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    bf16_autocast: bool = dataclasses.field(default_factory=fast_bf16_matmul)
 
 
 def new_head(engine: TargetEngine, d2t: torch.Tensor) -> Eagle3Head:
