@@ -13,8 +13,8 @@ per step). Output: per-run tokens/s, the mean of each mode, and the overhead (1 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tide_trt.config import EngineConfig, ModelConfig, SignalConfig
+from tide_trt.config import SignalConfig
 from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 from tide_trt.engine.hooks import StaticGamma, run_step
 from tide_trt.engine.torch_engine import TorchTargetEngine
@@ -33,9 +33,9 @@ from tide_trt.online.signals import ShardInfo, SignalBuffer
 from tide_trt.online.store import SignalStore
 
 try:
-    from benchmarks.common import machine
+    from benchmarks.common import emit, machine, serving_engine
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import machine
+    from common import emit, machine, serving_engine
 
 log = logging.getLogger("bench_capture_overhead")
 
@@ -125,13 +125,7 @@ def run(args: argparse.Namespace) -> dict:
     from tide_trt import workloads
     from tide_trt.runtime import encode_prompt
 
-    engine = TorchTargetEngine.from_config(
-        ModelConfig(),
-        EngineConfig(
-            max_batch_size=args.concurrency,
-            max_seq_len=args.max_prompt_tokens + args.max_new_tokens + 16,
-        ),
-    )
+    engine = serving_engine(args.concurrency, args.max_prompt_tokens, args.max_new_tokens)
     drafter = load_drafter(engine, args.draft)
     prompts = [
         encode_prompt(engine.tokenizer, t)[: args.max_prompt_tokens]
@@ -166,12 +160,27 @@ def run(args: argparse.Namespace) -> dict:
         "noise_cv_off": statistics.pstdev(off) / statistics.mean(off),
         # repetitions are adjacent (on, off) pairs: the median pair ratio cancels slow machine drifts
         "overhead_paired_median": 1.0 - statistics.median(a / b for a, b in zip(on, off, strict=True)),
+        "overhead_paired_ci95": paired_overhead_ci(on, off),
         "cpu_overhead": statistics.mean(r["cpu_ms_per_token"] for r in runs if r["capture"])
         / statistics.mean(r["cpu_ms_per_token"] for r in runs if not r["capture"])
         - 1.0,
         "runs": runs,
         "args": vars(args),
     }
+
+
+def paired_overhead_ci(on: list[float], off: list[float]) -> list[float] | None:
+    """95 % confidence interval of the overhead 1 − on/off from the adjacent (on, off) pairs: a t interval on
+    the mean log ratio (pairs cancel slow drifts; the log makes the ratio symmetric). None with < 3 pairs."""
+    logs = [math.log(a / b) for a, b in zip(on, off, strict=True)]
+    if len(logs) < 3:
+        return None
+    from scipy.stats import t as student_t
+
+    t95 = float(student_t.ppf(0.975, len(logs) - 1))
+    half = t95 * statistics.stdev(logs) / math.sqrt(len(logs))
+    mean = statistics.fmean(logs)
+    return [1.0 - math.exp(mean + half), 1.0 - math.exp(mean - half)]
 
 
 def table(r: dict) -> str:
@@ -188,21 +197,23 @@ def table(r: dict) -> str:
             f"run-to-run "
             f"noise of 'off' {100 * r['noise_cv_off']:.1f}% CV); time inside the sink on the engine thread: "
             f"{100 * r['sink_fraction']:.3f}% of serving time; paired-median overhead "
-            f"{100 * r['overhead_paired_median']:.2f}%; CPU time per token (all threads) "
+            f"{100 * r['overhead_paired_median']:.2f}% (95 % CI {_pct_range(r['overhead_paired_ci95'])}); "
+            f"CPU time per token (all threads) "
             f"{100 * r['cpu_overhead']:+.2f}%; "
             f"γ={r['gamma']}, draft={r['draft']}, outputs identical: {r['outputs_identical']}",
         ]
     )
 
 
+def _pct_range(ci: list[float] | None) -> str:
+    return "n/a" if ci is None else f"{100 * ci[0]:+.2f}% … {100 * ci[1]:+.2f}%"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(table(result))
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
+    emit(result, args.out, table(result), {k: v for k, v in result.items() if k != "runs"})
     return 0
 
 

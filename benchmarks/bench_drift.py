@@ -9,7 +9,8 @@ Systems, each over the identical request stream on the same engine:
   static  the draft (--draft, default: the shipped one) at fixed γ = --gamma, never updated;
   tide    the same start draft + OnlineAdaptation (signal capture gated by the DriftDetector, refit watcher)
           and a `tide train` process (its own torch thread) training from the signal store and publishing
-          versions the server refits between steps.
+          versions the server refits between steps; γ per step from the adaptive controller
+          (--tide-gamma adaptive, the full system) or fixed at --gamma (--tide-gamma static: adaptation only).
 Algorithm 1 knobs are flags because the paper's scale (N = 8192 tokens, EMA rates per ~1000 request-steps)
 needs far more traffic than a few minutes of 2 CPU cores serve; the values used are written to the JSON.
 Outputs: JSON (per-request records, per-phase summary, TIDE events) and a PNG of τ and throughput over time.
@@ -31,16 +32,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from tide_trt.config import EngineConfig, ModelConfig, TideConfig
+from tide_trt.config import TideConfig
 from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 from tide_trt.engine.hooks import StaticGamma, run_step
 from tide_trt.engine.torch_engine import TorchTargetEngine
 from tide_trt.online.adaptation import build_online_plugins
 
 try:
-    from benchmarks.common import machine
+    from benchmarks.common import machine, serving_engine
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import machine
+    from common import machine, serving_engine
 
 log = logging.getLogger("bench_drift")
 PHASES = ("sharegpt", "humaneval", "sharegpt2")
@@ -55,6 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--draft", default="default", help="start draft: 'default' or a checkpoint dir")
     p.add_argument("--systems", default="none,static,tide")
+    p.add_argument("--tide-gamma", choices=("adaptive", "static"), default="adaptive",
+                   help="TIDE's γ: the adaptive controller (default) or fixed --gamma like static")
+    p.add_argument("--no-collect-when-draft-limited", dest="collect_when_draft_limited", action="store_false",
+                   help="TIDE: collect only on drift (paper), not while the controller holds a weak draft off")
+    p.add_argument("--draft-limited-retry", type=int, default=2000,
+                   help="served request-steps before a suspended draft-limited trigger retries (a phase ≈ 6000)")
+    p.add_argument("--warmup-requests", type=int, default=25,
+                   help="requests of a phase counted as its warm-up in the after-warm-up throughput")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server (trainer: 1)")
     p.add_argument("--min-new-tokens", type=int, default=600, help="N_threshold for the trainer")
     p.add_argument("--steps-per-round", type=int, default=24)
@@ -66,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drift-epsilon", type=float, default=0.05)
     p.add_argument("--trainer-nice", type=int, default=19, help="niceness of the co-located trainer (0: none)")
     p.add_argument("--work", help="directory for the TIDE stores (default: temporary)")
+    p.add_argument("--reuse", help="a previous result JSON whose other systems join this one (same workload args)")
     p.add_argument("--out", default="runs/bench_drift.json")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     p.add_argument("--window", type=float, default=10.0, help="plot smoothing window, seconds")
@@ -92,6 +102,7 @@ def tide_config(args: argparse.Namespace, work: Path) -> TideConfig:
     cfg.signals.drift_ema_long = args.drift_ema_long
     cfg.signals.drift_warmup_updates = args.drift_warmup
     cfg.signals.drift_epsilon = args.drift_epsilon
+    cfg.signals.draft_limited_retry_steps = args.draft_limited_retry
     cfg.trainer.drafts_dir = str(work / "drafts")
     cfg.trainer.min_new_tokens = args.min_new_tokens
     cfg.trainer.steps_per_round = args.steps_per_round
@@ -146,7 +157,7 @@ def serve(
     plugins: list,
     reqs: list[tuple[str, list[int]]],
     args: argparse.Namespace,
-    gamma: int,
+    policy,
 ) -> tuple[list[dict], list[dict]]:
     """Continuous batching over the request stream. Returns per-request records and sampled TIDE events."""
     gen = SpeculativeGenerator(engine, drafter)
@@ -164,11 +175,11 @@ def serve(
             phase_of[rid] = phase
             eos = tuple(engine.info.eos_token_ids)
             gen.add(GenerationRequest(rid, ids, args.max_new_tokens, stop_token_ids=eos))
-        _, evs, _ = run_step(gen, StaticGamma(gamma), plugins)
+        gamma, evs, _ = run_step(gen, policy, plugins)
         now = time.perf_counter() - t0
         decode = [e for e in evs if not e.is_prefill]
         # per step: time, output tokens, decode request-steps, their output tokens (τ = tokens / request-steps)
-        events.append({"t": now, "event": "step", "tokens": sum(len(e.new_token_ids) for e in evs),
+        events.append({"t": now, "event": "step", "gamma": gamma, "tokens": sum(len(e.new_token_ids) for e in evs),
                        "decode": len(decode), "decode_tokens": sum(len(e.new_token_ids) for e in decode)})
         for e in evs:
             if e.finished:
@@ -204,29 +215,46 @@ def serve(
     return records, events
 
 
-def summarize(records: list[dict]) -> dict[str, dict]:
-    """Per phase: tokens/s over the phase's completion window, mean τ (token-weighted)."""
+def summarize(records: list[dict], warmup_requests: int = 0) -> dict[str, dict]:
+    """Per phase: tokens/s over the phase's completion window, mean τ (token-weighted), and the same after the
+    phase's first `warmup_requests` completions (the window starts at the warm-up's last completion)."""
     out, prev_t = {}, 0.0
     for ph in PHASES:
-        rs = [r for r in records if r["phase"] == ph]
+        rs = sorted((r for r in records if r["phase"] == ph), key=lambda r: r["t"])
         if not rs:
             continue
-        end = max(r["t"] for r in rs)
-        tokens, steps = sum(r["tokens"] for r in rs), sum(r["steps"] for r in rs)
-        out[ph] = {
-            "requests": len(rs),
-            "tokens": tokens,
-            "seconds": end - prev_t,
-            "tokens_per_s": tokens / max(end - prev_t, 1e-9),
-            "tau": (tokens - len(rs)) / steps if steps else 1.0,
-        }
-        prev_t = end
+        out[ph] = _window(rs, prev_t)
+        if 0 < warmup_requests < len(rs) - 1:
+            out[ph]["after_warmup"] = _window(rs[warmup_requests:], rs[warmup_requests - 1]["t"])
+        prev_t = rs[-1]["t"]
     total_t = max(r["t"] for r in records)
     out["all"] = {
         "tokens": sum(r["tokens"] for r in records),
         "seconds": total_t,
         "tokens_per_s": sum(r["tokens"] for r in records) / total_t,
     }
+    return out
+
+
+def _window(rs: list[dict], start: float) -> dict:
+    end = rs[-1]["t"]
+    tokens, steps = sum(r["tokens"] for r in rs), sum(r["steps"] for r in rs)
+    return {"requests": len(rs), "tokens": tokens, "seconds": end - start,
+            "tokens_per_s": tokens / max(end - start, 1e-9), "tau": (tokens - len(rs)) / steps if steps else 1.0}
+
+
+def floors(results: list[dict]) -> dict:
+    """The issue's floors: code phase TIDE ≥ 1.15 × static after warm-up; TIDE ≥ 0.97 × static in every phase."""
+    by = {r["system"]: r["summary"] for r in results}
+    if "tide" not in by or "static" not in by:
+        return {}
+    tide, static = by["tide"], by["static"]
+    out = {f"tide_vs_static_{ph}": tide[ph]["tokens_per_s"] / static[ph]["tokens_per_s"] for ph in PHASES}
+    code_t, code_s = tide["humaneval"].get("after_warmup"), static["humaneval"].get("after_warmup")
+    if code_t and code_s:
+        out["tide_vs_static_code_after_warmup"] = code_t["tokens_per_s"] / code_s["tokens_per_s"]
+    out["code_floor_1.15_met"] = out.get("tide_vs_static_code_after_warmup", 0.0) >= 1.15
+    out["every_phase_floor_0.97_met"] = min(out[f"tide_vs_static_{ph}"] for ph in PHASES) >= 0.97
     return out
 
 
@@ -247,15 +275,24 @@ def run_system(
             time.sleep(0.2)
         gen_probe = SpeculativeGenerator(engine, drafter)
         plugins = build_online_plugins(cfg, engine, gen_probe)
+    policy = StaticGamma(0 if drafter is None else args.gamma)
+    if name == "tide" and args.tide_gamma == "adaptive":
+        from tide_trt.online.adaptation import link_controller
+
+        policy = tide_controller(engine, drafter, args)
+        if args.collect_when_draft_limited:
+            link_controller(plugins, policy)
+        plugins.append(policy)  # after the adaptation plugin: plugins[0] stays OnlineAdaptation
     t_start = time.time()
     try:
-        records, events = serve(engine, drafter, plugins, reqs, args, 0 if drafter is None else args.gamma)
+        records, events = serve(engine, drafter, plugins, reqs, args, policy)
     finally:
         if trainer is not None:
             stop_trainer(trainer)
         for p in plugins:
-            p.close()
-    result = {"system": name, "records": records, "events": events, "summary": summarize(records)}
+            getattr(p, "close", lambda: None)()
+    result = {"system": name, "records": records, "events": events,
+              "summary": summarize(records, args.warmup_requests)}
     if name == "tide":
         from tide_trt.online.store import DraftStore
 
@@ -282,7 +319,20 @@ def run_system(
             for r in rounds
         ]
         result["final_metrics"] = plugins[0].metrics()
+        if len(plugins) > 1:
+            result["controller"] = {"steps_by_gamma": plugins[1].steps_by_gamma, "final": plugins[1].state_dict()}
     return result
+
+
+def tide_controller(engine: TorchTargetEngine, drafter, args: argparse.Namespace):
+    """The adaptive controller over the engine's start-up latency profile (cached per model/threads)."""
+    from tide_trt.config import ControllerConfig
+    from tide_trt.online.control_plugin import ControllerPlugin
+    from tide_trt.online.engine_profile import cached_engine_profile
+
+    gamma_max = max(args.gamma, 4)
+    profile = cached_engine_profile(engine, drafter, gamma_max)
+    return ControllerPlugin(ControllerConfig(mode="adaptive"), profile, gamma_max, args.gamma)
 
 
 def windowed(steps: list[dict], window: float) -> tuple[list[float], list[float], list[float]]:
@@ -338,11 +388,13 @@ def table(results: list[dict]) -> str:
     lines = ["| system | phase | requests | tokens/s | τ | speedup vs none |", "|---|---|---|---|---|---|"]
     for res in results:
         for ph, s in res["summary"].items():
-            sp = s["tokens_per_s"] / base[ph]["tokens_per_s"] if base and ph in base else float("nan")
-            lines.append(
-                f"| {res['system']} | {ph} | {s.get('requests', '')} | {s['tokens_per_s']:.2f} | "
-                f"{s.get('tau', float('nan')):.3f} | {sp:.3f} |"
-            )
+            rows = [(ph, s, base.get(ph) if base else None)]
+            if "after_warmup" in s:
+                rows.append((f"{ph} after warm-up", s["after_warmup"], (base or {}).get(ph, {}).get("after_warmup")))
+            for label, row, ref in rows:
+                sp = row["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
+                lines.append(f"| {res['system']} | {label} | {row.get('requests', '')} | {row['tokens_per_s']:.2f} | "
+                             f"{row.get('tau', float('nan')):.3f} | {sp:.3f} |")
     for res in results:
         for r in res.get("rounds", []):
             lines.append(
@@ -358,26 +410,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("tide_trt.online.drift").setLevel(logging.WARNING)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    engine = TorchTargetEngine.from_config(
-        ModelConfig(),
-        EngineConfig(
-            max_batch_size=args.concurrency,
-            max_seq_len=args.max_prompt_tokens + args.max_new_tokens + 16,
-        ),
-    )
+    engine = serving_engine(args.concurrency, args.max_prompt_tokens, args.max_new_tokens)
     reqs = workload(engine.tokenizer, args)
     work = Path(args.work or tempfile.mkdtemp(prefix="tide-bench-drift-"))
     results = []
+    if args.reuse:  # systems measured earlier on the same request stream (the JSON records when and how)
+        previous = json.loads(Path(args.reuse).read_text())
+        same = ("phase_requests", "max_new_tokens", "max_prompt_tokens", "concurrency", "gamma", "draft", "threads")
+        diff = {k: (previous["args"].get(k), getattr(args, k)) for k in same
+                if previous["args"].get(k) != getattr(args, k)}
+        if diff:
+            raise SystemExit(f"--reuse {args.reuse}: workload differs (previous, now): {diff}")
+        keep = [r for r in previous["results"] if r["system"] not in args.systems.split(",")]
+        for r in keep:
+            r["reused_from"] = {"path": args.reuse, "machine": previous["machine"], "args": previous["args"]}
+        results.extend(keep)
     for name in args.systems.split(","):
         t0 = time.perf_counter()
         results.append(run_system(name, engine, reqs, args, work / name))
         log.info("%s done in %.0f s: %s", name, time.perf_counter() - t0, results[-1]["summary"]["all"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "drift", "machine": machine(), "args": vars(args), "results": results}
+    doc = {"benchmark": "drift", "machine": machine(), "args": vars(args), "floors": floors(results),
+           "results": results}
     out.write_text(json.dumps(doc, indent=2))
     plot(results, Path(args.plot) if args.plot else out.with_suffix(".png"), args.window)
     print(table(results))
+    print(json.dumps(doc["floors"], indent=2))
     return 0
 
 

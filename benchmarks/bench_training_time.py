@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import shutil
 import sys
@@ -43,9 +42,9 @@ from tide_trt.training.offline import new_head
 from tide_trt.training.vocab import build_draft_vocab, t2d_from_d2t
 
 try:
-    from benchmarks.common import machine
+    from benchmarks.common import emit, machine
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import machine
+    from common import emit, machine
 
 log = logging.getLogger("bench_training_time")
 
@@ -215,10 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     result = run(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(table(result))
-    print(json.dumps(result))
+    emit(result, args.out, table(result))
     return 0
 
 

@@ -43,41 +43,74 @@ def write_json(result: dict, out: str | None) -> None:
     print(text)
 
 
+def serving_engine(concurrency: int, max_prompt_tokens: int, max_new_tokens: int):
+    """The default model on the PyTorch engine (default dtype and kernels) sized for a serving benchmark."""
+    from tide_trt.config import EngineConfig, ModelConfig
+    from tide_trt.engine.torch_engine import TorchTargetEngine
+
+    return TorchTargetEngine.from_config(
+        ModelConfig(),
+        EngineConfig(max_batch_size=concurrency, max_seq_len=max_prompt_tokens + max_new_tokens + 16),
+    )
+
+
+def emit(result: dict, out: str | Path, table: str, summary: dict | None = None) -> None:
+    """Write the result JSON to `out`, print the markdown table and a one-line JSON summary."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    log.info("wrote %s", out)
+    print(table)
+    print(json.dumps(result if summary is None else summary))
+
+
 def closed_loop(
-    gen, prompts: list[list[int]], concurrency: int, max_new: int, policy, plugins=(), eos: tuple[int, ...] = ()
+    gen, prompts: list[list[int]], concurrency: int, max_new: int, policy, plugins=(), eos: tuple[int, ...] = (),
+    id_prefix: str = "r",
 ) -> dict:
     """Keep `concurrency` requests in flight (continuous batching) until every prompt is served.
 
-    Returns output tokens, wall seconds, verification steps, drafted/accepted counts and τ.
+    Returns output tokens, wall seconds, verification steps, drafted/accepted counts, τ, the censored-geometric
+    acceptance α̂ = Σk / Σ(k + [k<γ]) (the α of the cost model, not accepted/drafted) and the time and tokens of
+    the decode-only steps (steps that ran no prefill: what the cost model predicts).
     """
     from tide_trt.engine.generator import GenerationRequest
     from tide_trt.engine.hooks import run_step
 
     todo = list(enumerate(prompts))
-    tokens = steps = drafted = accepted = decode_tokens = 0
+    c = {k: 0 for k in ("tokens", "steps", "drafted", "accepted", "trials", "decode_tokens", "pure_tokens")}
+    pure_seconds = 0.0
     gammas: dict[int, int] = {}
     t0 = time.perf_counter()
     while todo or gen.num_active:
         while todo and gen.num_active < concurrency:
             i, p = todo.pop(0)
-            gen.add(GenerationRequest(f"r{i}", p, max_new, stop_token_ids=eos))
-        gamma, events, _ = run_step(gen, policy, list(plugins))
+            gen.add(GenerationRequest(f"{id_prefix}{i}", p, max_new, stop_token_ids=eos))
+        gamma, events, seconds = run_step(gen, policy, list(plugins))
         gammas[gamma] = gammas.get(gamma, 0) + 1
+        if events and not any(ev.is_prefill for ev in events):
+            pure_seconds += seconds
+            c["pure_tokens"] += sum(len(ev.new_token_ids) for ev in events)
         for ev in events:
-            tokens += len(ev.new_token_ids)
+            c["tokens"] += len(ev.new_token_ids)
             if not ev.is_prefill:
-                steps += 1
-                decode_tokens += len(ev.new_token_ids)
-                drafted += ev.num_draft
-                accepted += ev.num_accepted
+                c["steps"] += 1
+                c["decode_tokens"] += len(ev.new_token_ids)
+                c["drafted"] += ev.num_draft
+                c["accepted"] += ev.num_accepted
+                if ev.num_draft:
+                    c["trials"] += ev.num_accepted + (ev.num_accepted < ev.num_draft)
         for rid, seq in list(gen.sequences.items()):
             if seq.finished:
                 gen.release(rid)
-    return _run_summary(tokens, time.perf_counter() - t0, steps, decode_tokens, drafted, accepted, gammas)
+    return _run_summary(**c, seconds=time.perf_counter() - t0, pure_seconds=pure_seconds, gammas=gammas)
+
+
+_SUMMED = ("tokens", "seconds", "steps", "decode_tokens", "drafted", "accepted", "trials", "pure_tokens",
+           "pure_seconds")
 
 
 def _run_summary(tokens: int, seconds: float, steps: int, decode_tokens: int, drafted: int, accepted: int,
-                 gammas: dict[int, int]) -> dict:
+                 gammas: dict[int, int], trials: int = 0, pure_tokens: int = 0, pure_seconds: float = 0.0) -> dict:
     return {
         "tokens": tokens,
         "seconds": seconds,
@@ -86,8 +119,13 @@ def _run_summary(tokens: int, seconds: float, steps: int, decode_tokens: int, dr
         "decode_tokens": decode_tokens,
         "drafted": drafted,
         "accepted": accepted,
+        "trials": trials,
+        "pure_tokens": pure_tokens,
+        "pure_seconds": pure_seconds,
+        "decode_tokens_per_s": pure_tokens / pure_seconds if pure_seconds else None,
         "tau": decode_tokens / steps if steps else 1.0,
         "acceptance": accepted / drafted if drafted else None,
+        "alpha": accepted / trials if trials else None,
         "gamma_steps": gammas,
     }
 
@@ -98,6 +136,5 @@ def merge_runs(runs: list[dict]) -> dict:
     for r in runs:
         for g, n in r["gamma_steps"].items():
             gammas[g] = gammas.get(g, 0) + n
-    summed = ("tokens", "seconds", "steps", "decode_tokens", "drafted", "accepted")
-    totals = {k: sum(r[k] for r in runs) for k in summed}
+    totals = {k: sum(r.get(k, 0) for r in runs) for k in _SUMMED}
     return {**_run_summary(**totals, gammas=gammas), "repeats_tokens_per_s": [r["tokens_per_s"] for r in runs]}

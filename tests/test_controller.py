@@ -132,16 +132,19 @@ def test_reprobe_after_interval_and_switch_back_on_better_draft() -> None:
     ctl = AdaptiveController(cfg, PROFILE, 8, 3)
     ids = [1]
     gammas = []
-    for _ in range(60):  # useless draft: everything rejected
+    for _ in range(150):  # useless draft: everything rejected
         g = ctl.choose_gamma(ids)
         gammas.append(g)
         ctl.observe(ids, g, [0], None)
     assert gammas[:3] == [2, 2, 2]  # cold-start probe
     assert set(gammas[3:23]) == {0}  # 20 steps off
     assert gammas[23:26] == [2, 2, 2]  # re-probe
-    assert set(gammas[26:46]) == {0}
-    assert gammas[46:49] == [2, 2, 2]
-    assert ctl.snapshot().num_probes == 3
+    assert set(gammas[26:66]) == {0}  # the probe failed again: the interval doubles
+    assert gammas[66:69] == [2, 2, 2]
+    assert set(gammas[69:149]) == {0}
+    assert gammas[149] == 2
+    assert ctl.snapshot().num_probes == 4
+    assert ctl.reprobe_interval == 80  # the 4th probe is running, not judged yet
     # an improved draft is deployed: the next probe sees acceptance and speculation resumes
     ctl.on_draft_updated()
     for _ in range(10):
@@ -150,6 +153,19 @@ def test_reprobe_after_interval_and_switch_back_on_better_draft() -> None:
     snap = ctl.snapshot()
     assert snap.committed_gamma > 0
     assert snap.global_acceptance > 0.5
+    assert ctl.reprobe_interval == 20  # a new draft resets the back-off
+
+
+def test_reprobe_backoff_is_capped() -> None:
+    cfg = ControllerConfig(reprobe_interval_steps=10, reprobe_backoff=3.0, reprobe_max_interval_steps=50,
+                           probe_steps=2)
+    ctl = AdaptiveController(cfg, PROFILE, 8, 3)
+    intervals = set()
+    for _ in range(400):
+        g = ctl.choose_gamma([1])
+        ctl.observe([1], g, [0], None)
+        intervals.add(ctl.reprobe_interval)
+    assert intervals == {10, 30, 50}
 
 
 def test_snapshot_measured_speedup() -> None:
@@ -183,3 +199,30 @@ def test_long_off_period_does_not_underflow_to_the_prior() -> None:
         ctl.observe([1], 0, [0], None)
     assert ctl.global_acceptance == pytest.approx(before)
     assert ctl.choose_gamma([1]) == 0
+
+
+def test_draft_limited_when_off_for_lack_of_acceptance_only() -> None:
+    ctl = AdaptiveController(ControllerConfig(reprobe_interval_steps=1000), PROFILE, 8, 3)
+    ids = [1]
+    for _ in range(3):  # cold-start probe, nothing accepted
+        assert ctl.choose_gamma(ids) == 2
+        assert not ctl.draft_limited  # probing
+        ctl.observe(ids, 2, [0], None)
+    for _ in range(5):
+        g = ctl.choose_gamma(ids)
+        ctl.observe(ids, g, [0], None)
+    assert g == 0 and ctl.draft_limited  # off, and at batch 1 an α = 0.8 draft would pay
+    assert ctl.snapshot().draft_limited
+    # where even a good draft cannot pay (verification far costlier than decoding), training would not help
+    flat = LatencyProfile(target_s={1: 10 * MS, 2: 40 * MS, 16: 400 * MS}, draft_s={1: 5 * MS})
+    hopeless = AdaptiveController(ControllerConfig(reprobe_interval_steps=1000), flat, 4, 3)
+    for _ in range(10):
+        g = hopeless.choose_gamma(ids)
+        hopeless.observe(ids, g, [0], None)
+    assert g == 0 and not hopeless.draft_limited
+    # speculating with a good draft: not limited
+    good = AdaptiveController(ControllerConfig(), PROFILE, 8, 3)
+    for _ in range(20):
+        g = good.choose_gamma(ids)
+        good.observe(ids, g, [g], None)
+    assert g > 0 and not good.draft_limited

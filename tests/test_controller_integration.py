@@ -78,3 +78,35 @@ def test_trained_draft_stays_on_at_batch_one(setup):
     gammas, plugin = _run(engine, trained, profile, "List the numbers from 1 to 40, separated by commas.", 96)
     assert sum(g > 0 for g in gammas[1:]) >= 0.9 * (len(gammas) - 1), gammas
     assert plugin.state().global_acceptance > 0.3  # the draft is useful on this prompt, unlike the random one
+
+
+def test_switched_off_draft_keeps_signal_collection_on(setup, tmp_path):
+    """The draft-limited trigger: a draft the controller holds off for lack of acceptance gets training data."""
+    from tide_trt.config import TideConfig
+    from tide_trt.online.adaptation import build_online_plugins, link_controller
+    from tide_trt.online.store import SignalStore
+
+    engine, trained, profile = setup
+    cfg = TideConfig()
+    cfg.signals.store_dir = str(tmp_path / "signals")
+    cfg.trainer.drafts_dir = ""  # no refit watcher: capture and drift only
+    gen = SpeculativeGenerator(engine, _random_drafter(engine, trained))
+    online = build_online_plugins(cfg, engine, gen)
+    online[0].detector.pause("baseline")  # past cold start: only drift or the new trigger collect
+    plugin = ControllerPlugin(ControllerConfig(mode="adaptive"), profile, GAMMA_MAX, 3)
+    link_controller(online, plugin)
+    req = GenerationRequest("r", encode_prompt(engine.tokenizer, "Write a long story about a lighthouse keeper."),
+                            48, stop_token_ids=engine.info.eos_token_ids)
+    run_with_policy(gen, [req], plugin, [*online, plugin])
+    assert plugin.state().committed_gamma == 0 and plugin.state().draft_limited
+    metrics = online[0].metrics()
+    assert metrics["signals_collection_enabled"] == 1.0
+    assert metrics["signals_collection_draft_limited"] == 1.0
+    # collection is decided per request at admission: the next request is captured
+    gen.release("r")
+    nxt = GenerationRequest("r2", encode_prompt(engine.tokenizer, "Tell me about tides."), 16,
+                            stop_token_ids=engine.info.eos_token_ids)
+    run_with_policy(gen, [nxt], plugin, [*online, plugin])
+    for p in online:
+        p.close()
+    assert SignalStore(cfg.signals.store_dir).shard_paths(), "the switched-off request's signals were not stored"

@@ -159,3 +159,46 @@ def test_plateau_pauses_collection_after_small_gains() -> None:
     det.resume("drift")
     det.apply(plateau)
     assert not det.collection_enabled and det.snapshot().last_event == "plateau"
+
+
+def test_draft_limited_trigger_collects_until_rounds_stop_helping() -> None:
+    det = armed_detector()
+    assert not det.collection_enabled
+    det.set_draft_limited(True)  # the controller holds speculation off for lack of acceptance
+    assert det.collection_enabled
+    assert det.snapshot().draft_limited and not det.snapshot().draft_limited_suspended
+    det.set_draft_limited(False)  # speculating again (or a probe): the trigger lets go
+    assert not det.collection_enabled
+    det.set_draft_limited(True)
+    det.apply(Decision(deploy=True, pause_collection=False, reason="improved", gain=0.05))
+    assert det.collection_enabled
+    rejected = Decision(deploy=False, pause_collection=True, reason="no_improvement")
+    det.apply(rejected)
+    assert det.collection_enabled  # one rejection: keep trying
+    det.apply(rejected)
+    assert not det.collection_enabled  # two in a row (the default): training stopped helping
+    assert det.snapshot().draft_limited_suspended
+    det.apply(Decision(deploy=True, pause_collection=False, reason="improved", gain=0.05))
+    assert det.collection_enabled  # a deployed round (e.g. drift data) re-enables it
+    det.apply(Decision(deploy=True, pause_collection=True, reason="plateau", gain=0.001))
+    assert not det.collection_enabled  # a plateau suspends it at once
+    det.observe_served(19_999)
+    assert not det.collection_enabled
+    det.observe_served(1)  # draft_limited_retry_steps (20000) served: the traffic may have changed, retry
+    assert det.collection_enabled
+    det.apply(rejected)
+    det.apply(rejected)
+    assert not det.collection_enabled
+    det.observe_served(20_000)
+    assert not det.collection_enabled  # second suspension: the retry interval doubled
+    det.observe_served(20_000)
+    assert det.collection_enabled
+
+
+def test_draft_limited_trigger_can_be_disabled_and_respects_disabled_signals() -> None:
+    det = armed_detector(SignalConfig(collect_when_draft_limited=False))
+    det.set_draft_limited(True)
+    assert not det.collection_enabled
+    off = DriftDetector(SignalConfig(enabled=False))
+    off.set_draft_limited(True)
+    assert not off.collection_enabled

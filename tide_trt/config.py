@@ -57,7 +57,9 @@ class ControllerConfig:
     ema_short: float = 0.3
     ema_long: float = 0.02
     hysteresis: float = 0.05
-    reprobe_interval_steps: int = 64
+    reprobe_interval_steps: int = 64  # steps without speculation before the first re-probe
+    reprobe_backoff: float = 2.0  # each probe that leaves speculation off multiplies the interval by this
+    reprobe_max_interval_steps: int = 1024  # ... up to this many steps
     profile_cache: bool = True
     min_dwell_steps: int = 8  # steps a chosen gamma is kept before another switch
     confirm_steps: int = 8  # consecutive steps a better gamma must win by > hysteresis
@@ -81,6 +83,11 @@ class SignalConfig:
     drift_ema_short: float = 0.001
     drift_ema_long: float = 0.0001
     drift_warmup_updates: int = 3000  # request-steps before a drop can be detected
+    # Algorithm 1 extended: also collect while the controller holds speculation off because the draft's
+    # acceptance is too low to pay (a better draft would); suspended after this many rejected rounds in a row
+    collect_when_draft_limited: bool = True
+    draft_limited_max_rejections: int = 2
+    draft_limited_retry_steps: int = 20000  # served request-steps before a suspended trigger retries (x2 each time)
     gate_min_gain: float = 0.01  # deploy only if eval acceptance beats the training mean by this much
     gate_z: float = 1.645  # ... and by z standard errors when the sample counts are known
     plateau_min_gain: float = 0.02  # a deployed round gaining less than this counts as a plateau round

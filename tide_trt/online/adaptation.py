@@ -42,6 +42,7 @@ class OnlineAdaptation:
         self._trials: dict[str, int] = {}  # Σ(k + [k<γ]) per running request (censored-geometric trials)
         self._steps = 0
         self.rounds_applied = 0
+        self.draft_limited_fn: Callable[[], bool] | None = None  # the controller's `draft_limited`, when wired
         if buffer is not None:
             buffer.collect_fn = lambda: self.detector.collection_enabled
 
@@ -91,6 +92,8 @@ class OnlineAdaptation:
                 self._apply_round(r)
         if self.buffer is not None:
             self.buffer.draft_version = generator.drafter.version if generator.drafter is not None else -1
+        if self.draft_limited_fn is not None:
+            self.detector.set_draft_limited(self.draft_limited_fn())
 
     def after_step(
         self, generator: SpeculativeGenerator, gamma: int, events: Sequence[StepEvent], seconds: float
@@ -103,6 +106,7 @@ class OnlineAdaptation:
                 self._trials[e.request_id] = self._trials.get(e.request_id, 0) + trials
         if fractions:
             self.detector.update(sum(fractions) / len(fractions), float(len(fractions)))
+        self.detector.observe_served(sum(1 for e in events if not e.is_prefill))
         self._steps += 1
         if self._steps % RECONCILE_EVERY == 0:
             self._reconcile(generator)
@@ -130,6 +134,7 @@ class OnlineAdaptation:
             "drift_acceptance_short": snap.acceptance_short,
             "drift_acceptance_long": snap.acceptance_long,
             "signals_collection_enabled": float(snap.collection_enabled),
+            "signals_collection_draft_limited": float(snap.draft_limited and not snap.draft_limited_suspended),
             "drift_detections": float(snap.detections),
             "drift_pauses": float(snap.pauses),
             "training_rounds_applied": float(self.rounds_applied),
@@ -174,6 +179,16 @@ class OnlineAdaptation:
             self.watcher.close()
         if self.buffer is not None:
             self.buffer.close()
+
+
+def link_controller(plugins: Sequence[object], controller: object) -> None:
+    """Feed the controller's `draft_limited` state (speculation off for lack of acceptance) to every
+    OnlineAdaptation plugin's drift detector (the draft-limited collection trigger, drift.py). (Re-probing
+    after a refit is the ControllerPlugin's own job: it sees the draft version change.)"""
+    inner = getattr(controller, "controller", controller)  # ControllerPlugin wraps an AdaptiveController
+    for p in plugins:
+        if isinstance(p, OnlineAdaptation):
+            p.draft_limited_fn = lambda: inner.draft_limited
 
 
 def build_online_plugins(

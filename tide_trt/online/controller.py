@@ -16,7 +16,13 @@ exceeds ``hysteresis`` (relative) on ``confirm_steps`` consecutive steps, and th
 kept ``min_dwell_steps`` steps. After ``reprobe_interval_steps`` steps without speculation, and at cold
 start, it runs ``probe_steps`` steps at ``probe_gamma`` so estimates refresh and an improved draft gets
 used again (``on_draft_updated()`` also schedules a probe); the decision right after a probe needs no
-confirmation. Defaults (confirm 8, dwell 8, 12 prior trials) were set by simulation: with truncated-
+confirmation. A probe is not free: its steps cost more than plain ones where speculation does not pay, and
+the draft must first catch up on every position decoded since it last ran (a draft prefill over batch ×
+interval tokens). So each probe that leaves speculation off multiplies the interval by ``reprobe_backoff``
+(up to ``reprobe_max_interval_steps``); a probe that turns speculation on, or a new draft, resets it.
+Measured on the 2-core CPU at batch 16 with the fixed 64-step interval, probes and catch-ups cost the
+adaptive controller ~4 % against plain decoding (benchmarks/README.md, issue 5).
+Defaults (confirm 8, dwell 8, 12 prior trials) were set by simulation: with truncated-
 geometric acceptance at α ∈ [0.2, 0.95] and batch 1-8, at most 6 switches in 1000 steps (a plain
 argmax: up to ~700), while heterogeneous batches keep within 1-5 % of the oracle speedup.
 Pure Python, no torch: choose_gamma + observe cost ~10 µs at batch 1, ~30 µs at batch 32.
@@ -40,6 +46,7 @@ _MEASURED_EMA = 0.1  # rate of the measured-speedup EMA (a metric only)
 _DRAFT_UPDATE_KEEP = 0.1  # weight kept by old estimates when a new draft is deployed
 _MIN_MASS = 1e-6  # discounted trial counts are not decayed below this (no underflow to 0/0)
 _PRIOR_TRIALS = 1.0  # weight (in trials) of prior_acceptance in the global estimate: a probe outweighs it
+_GOOD_DRAFT_ALPHA = 0.8  # "a better draft": the acceptance a well-trained EAGLE-3 head reaches in-domain
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class ControllerState:
     probing: bool
     probe_steps_left: int
     num_probes: int
+    reprobe_interval: int  # steps without speculation before the next probe (backed off after failed probes)
+    draft_limited: bool  # off for lack of acceptance although a better draft would pay (online training helps)
     tracked_requests: int
 
 
@@ -96,6 +105,9 @@ class AdaptiveController:
         self._probes = 0
         self._probe_left = 0
         self._probe_pending = config.mode == "adaptive" and self._probing_enabled()
+        self._failed_probes = 0  # consecutive probes after which speculation stayed off
+        self._last_batch = 0
+        self._headroom: dict[int, bool] = {}
 
     # ------------------------------------------------------------------ estimates
     def _probing_enabled(self) -> bool:
@@ -132,6 +144,7 @@ class AdaptiveController:
         if not request_ids:
             return 0
         self._steps += 1
+        self._last_batch = len(request_ids)
         mode = self.config.mode
         if mode == "off" or self.gamma_max == 0:
             return self._emit(0, 1.0)
@@ -147,7 +160,7 @@ class AdaptiveController:
             return self._emit(self.probe_gamma, curve[self.probe_gamma])
         self._decide(curve)
         if self._committed == 0:
-            interval = self.config.reprobe_interval_steps
+            interval = self.reprobe_interval
             if interval > 0 and self._probing_enabled() and self._steps_off >= interval:
                 self._start_probe(f"{self._steps_off} steps without speculation")
                 self._probe_left -= 1
@@ -165,7 +178,8 @@ class AdaptiveController:
         else:
             self._streak = 0
         # right after a probe, one winning decision suffices: the probe was run to decide
-        need = 1 if self._after_probe else max(self.config.confirm_steps, 1)
+        judging_probe = self._after_probe
+        need = 1 if judging_probe else max(self.config.confirm_steps, 1)
         self._after_probe = False
         if self._streak >= need and self._since_switch >= self.config.min_dwell_steps:
             self._streak = 0
@@ -173,6 +187,32 @@ class AdaptiveController:
             self._committed = cand
             self._since_switch = 0
             self._switches += 1
+        if judging_probe:
+            self._failed_probes = self._failed_probes + 1 if self._committed == 0 else 0
+
+    @property
+    def draft_limited(self) -> bool:
+        """Speculation is off (adaptive mode, not probing) although a better draft would pay at this batch size:
+        with α = 0.8 the cost model predicts a gain above the hysteresis. Online training can fix this case."""
+        if self.config.mode != "adaptive" or self._committed != 0 or self._probe_left > 0 or self._last_batch < 1:
+            return False
+        b = self._last_batch
+        if b not in self._headroom:
+            if len(self._headroom) >= 1024:
+                self._headroom.clear()
+            curve = [m * r for m, r in zip(mean_expected_tokens([_GOOD_DRAFT_ALPHA], self.gamma_max),
+                                           step_cost_ratios(b, self.profile, self.gamma_max), strict=True)]
+            self._headroom[b] = max(curve) > 1.0 + self.config.hysteresis
+        return self._headroom[b]
+
+    @property
+    def reprobe_interval(self) -> int:
+        """Steps without speculation before the next probe: the base interval, backed off per failed probe."""
+        base = self.config.reprobe_interval_steps
+        if base <= 0:
+            return base
+        backoff = max(self.config.reprobe_backoff, 1.0) ** max(self._failed_probes - 1, 0)
+        return int(min(base * backoff, max(self.config.reprobe_max_interval_steps, base)))
 
     def _start_probe(self, why: str) -> None:
         self._probe_pending = False
@@ -198,6 +238,7 @@ class AdaptiveController:
             est[1] *= _DRAFT_UPDATE_KEEP
         self._global = [v * _DRAFT_UPDATE_KEEP for v in self._global]
         self._measured.clear()
+        self._failed_probes = 0
         self.request_probe()
 
     # ------------------------------------------------------------------ observations
@@ -258,5 +299,7 @@ class AdaptiveController:
             probing=self._probe_left > 0,
             probe_steps_left=self._probe_left,
             num_probes=self._probes,
+            reprobe_interval=self.reprobe_interval,
+            draft_limited=self.draft_limited,
             tracked_requests=len(self._req),
         )

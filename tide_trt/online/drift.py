@@ -14,6 +14,15 @@ traffic), until the first training round's gate pauses it. A pause re-baselines:
 after a drop) and detection is disarmed, so only a *new* drop resumes collection ("pause until drift is
 seen again").
 
+Draft-limited trigger (beyond the paper). A drop is not the only time a better draft would pay: where the
+adaptive controller holds speculation off because the draft's acceptance is too low for the cost model
+(speculation would pay with a better draft), the EMAs barely move (only probes speculate), so no drop is
+ever seen and the draft never improves. ``set_draft_limited(True)`` (fed by the controller every step)
+keeps collection on in that state; to train only when it helps, ``draft_limited_max_rejections`` rejected
+rounds in a row (or a plateau) suspend this trigger until a round deploys, a drop is detected, or
+``draft_limited_retry_steps`` more request-steps have been served (the traffic may have changed; doubled after
+every suspension, reset by a deploy) — served steps, because with speculation off acceptance barely updates.
+
 Defaults (chosen with ``python benchmarks/drift_defaults.py [--out PATH]``, ~20 s, JSON on stdout).
 Worst-case noise: any acceptance fraction in [0, 1] with mean μ has variance ≤ μ(1−μ), the Bernoulli
 variance, so the experiment feeds Bernoulli(μ) request-steps (μ = 0.5 is the noisiest). Grid: λ_short ∈
@@ -60,6 +69,8 @@ class DriftState:
     detections: int  # times drift turned collection on
     pauses: int
     last_event: str
+    draft_limited: bool = False  # the controller holds speculation off for lack of acceptance
+    draft_limited_suspended: bool = False  # ... but rounds on that data stopped helping
 
 
 class _BiasCorrectedEma:
@@ -96,10 +107,42 @@ class DriftDetector:
         self._detections = 0
         self._pauses = 0
         self._last_event = "cold_start" if self._enabled else "disabled"
+        self._limited_allowed = bool(config.collect_when_draft_limited)
+        self._limited_max_rejections = max(int(config.draft_limited_max_rejections), 1)
+        self._draft_limited = False
+        self._limited_rejections = 0
+        self._limited_retry = max(int(config.draft_limited_retry_steps), 1)
+        self._limited_suspensions = 0
+        self._served = 0.0  # decode request-steps served, speculative or not
+        self._retry_at = math.inf
 
     @property
     def collection_enabled(self) -> bool:
-        return self._collecting
+        return self._collecting or (self._enabled and self._draft_limited and not self.draft_limited_suspended)
+
+    @property
+    def draft_limited_suspended(self) -> bool:
+        return not self._limited_allowed or self._limited_rejections >= self._limited_max_rejections
+
+    def observe_served(self, request_steps: float) -> None:
+        """Count served decode request-steps (every step, speculative or not): a suspended draft-limited
+        trigger retries after ``draft_limited_retry_steps`` of them."""
+        self._served += max(float(request_steps), 0.0)
+        if self._served >= self._retry_at and self._limited_rejections >= self._limited_max_rejections:
+            self._limited_rejections = 0
+            self._retry_at = math.inf
+            logger.info("draft-limited collection: retrying after %.0f served request-steps", self._served)
+
+    def _suspend_limited(self) -> None:
+        self._limited_rejections = self._limited_max_rejections
+        self._retry_at = self._served + self._limited_retry * 2 ** min(self._limited_suspensions, 10)
+        self._limited_suspensions += 1
+
+    def set_draft_limited(self, limited: bool) -> None:
+        """The controller's view, every step: speculation is off because the draft does not pay (yet)."""
+        if limited and not self._draft_limited and self._enabled and not self.draft_limited_suspended:
+            logger.info("speculation off for lack of acceptance: collecting signals to improve the draft")
+        self._draft_limited = bool(limited)
 
     @property
     def armed(self) -> bool:
@@ -125,6 +168,8 @@ class DriftDetector:
             self._long.value = self._short.value
         if self._enabled and not self._collecting and self.drifting:
             self._collecting = True
+            self._limited_rejections = 0
+            self._retry_at = math.inf
             self._detections += 1
             self._last_event = "drift"
             logger.info(
@@ -154,7 +199,20 @@ class DriftDetector:
             self._last_event = reason
 
     def apply(self, decision: Decision) -> None:
-        """Apply a :class:`TrainingGate` decision (pause collection when it says so)."""
+        """Apply a :class:`TrainingGate` decision (pause collection when it says so).
+
+        For the draft-limited trigger: a deployed round resets the rejection streak, a rejected round
+        extends it, a plateau suspends the trigger at once."""
+        if decision.deploy and decision.reason != "plateau":
+            self._limited_rejections = 0
+            self._limited_suspensions = 0
+            self._retry_at = math.inf
+        elif decision.reason == "plateau":
+            self._suspend_limited()
+        elif decision.pause_collection:
+            self._limited_rejections += 1
+            if self._limited_rejections >= self._limited_max_rejections:
+                self._suspend_limited()
         if decision.pause_collection:
             self.pause(decision.reason)
 
@@ -162,13 +220,15 @@ class DriftDetector:
         return DriftState(
             acceptance_short=self._short.value,
             acceptance_long=self._long.value,
-            collection_enabled=self._collecting,
+            collection_enabled=self.collection_enabled,
             armed=self.armed,
             drifting=self.drifting,
             updates=self._updates,
             detections=self._detections,
             pauses=self._pauses,
             last_event=self._last_event,
+            draft_limited=self._draft_limited,
+            draft_limited_suspended=self.draft_limited_suspended,
         )
 
 

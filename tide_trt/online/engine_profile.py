@@ -30,7 +30,7 @@ def _batch_sizes(engine: TargetEngine, batch_sizes: tuple[int, ...]) -> list[int
 
 def profile_engine(engine: TargetEngine, drafter: ChainDrafter | None, gamma_max: int,
                    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, context_len: int = 128,
-                   repeats: int = 5) -> LatencyProfile:
+                   repeats: int = 7) -> LatencyProfile:
     """Time one target step of b·(γ+1) tokens and one draft step of b rows on the live engine."""
     sizes = _batch_sizes(engine, batch_sizes)
     b_max = max(sizes)
@@ -92,7 +92,7 @@ def monotone_profile(profile: LatencyProfile) -> LatencyProfile:
 def cached_engine_profile(engine: TargetEngine, drafter: ChainDrafter | None, gamma_max: int,
                           cache_dir: str | Path | None = None, refresh: bool = False) -> LatencyProfile:
     """load_or_profile keyed by (model, device, dtype, kernels, threads, draft shape, batch sizes)."""
-    key = {"version": 3, "model": engine.info.fingerprint, "device": engine.info.device, "dtype": engine.info.dtype,
+    key = {"version": 4, "model": engine.info.fingerprint, "device": engine.info.device, "dtype": engine.info.dtype,
            "native_linears": engine.info.native_linears, "threads": torch.get_num_threads(), "gamma_max": gamma_max,
            "draft_vocab": drafter.cfg.draft_vocab_size if drafter else 0,
            "batch_sizes": _batch_sizes(engine, DEFAULT_BATCH_SIZES), "backend": type(engine).__name__}

@@ -4,8 +4,10 @@ The engine supplies two callables that run ONE real step and return its seconds:
 ``target_step(batch_size, tokens_per_seq)`` (a verification-shaped target forward over
 ``batch_size · tokens_per_seq`` tokens) and ``draft_step(batch_size)``. For every batch size ``b`` and
 every ``γ`` in 0..gamma_max the controller may ask for ``T(b·(γ+1))``; shapes with the same total ``n``
-are measured once. Each point is the median of ``repeats`` runs after ``warmup`` runs. Results are
-cached as JSON per (model fingerprint, device, dtype, threads, ...) key.
+are measured once. Each point is the median of ``repeats`` runs after ``warmup`` runs; the runs are
+interleaved (round r times every shape once) so that a slow spell of the machine (shared CPUs drift by tens of
+percent over seconds to minutes) lands on all shapes alike instead of bending the curve. Results are cached as
+JSON per (model fingerprint, device, dtype, threads, ...) key.
 """
 
 from __future__ import annotations
@@ -28,11 +30,16 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 
 
-def _median_seconds(fn: Callable[[], float], repeats: int, warmup: int) -> float:
-    for _ in range(max(warmup, 0)):
-        fn()
-    samples = [float(fn()) for _ in range(max(repeats, 1))]
-    return statistics.median(samples)
+def interleaved_medians(fns: Mapping[Any, Callable[[], float]], repeats: int, warmup: int) -> dict[Any, float]:
+    """Median seconds of every callable; rounds visit every callable once, so machine drift is shared."""
+    for fn in fns.values():
+        for _ in range(max(warmup, 0)):
+            fn()
+    samples: dict[Any, list[float]] = {k: [] for k in fns}
+    for _ in range(max(repeats, 1)):
+        for k, fn in fns.items():
+            samples[k].append(float(fn()))
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def target_shapes(batch_sizes: Iterable[int], gamma_max: int) -> dict[int, tuple[int, int]]:
@@ -64,14 +71,15 @@ def profile_latency(
     if not sizes:
         raise ValueError("profile_latency needs at least one batch size")
     started = time.perf_counter()
-    target_s: dict[int, float] = {}
-    for n, (b, tps) in target_shapes(sizes, gamma_max).items():
-        target_s[n] = _median_seconds(lambda b=b, tps=tps: target_step(b, tps), repeats, warmup)
+    shapes = target_shapes(sizes, gamma_max)
+    target_s = interleaved_medians({n: (lambda b=b, tps=tps: target_step(b, tps)) for n, (b, tps) in shapes.items()},
+                                   repeats, warmup)
+    for n, (b, tps) in shapes.items():
         logger.debug("T(%d) [b=%d x %d] = %.3f ms", n, b, tps, target_s[n] * 1e3)
     draft_s: dict[int, float] = {}
     if gamma_max > 0:
+        draft_s = interleaved_medians({b: (lambda b=b: draft_step(b)) for b in sizes}, repeats, warmup)
         for b in sizes:
-            draft_s[b] = _median_seconds(lambda b=b: draft_step(b), repeats, warmup)
             logger.debug("D(%d) = %.3f ms", b, draft_s[b] * 1e3)
     else:  # no speculation possible: the draft cost is never used, keep the profile valid
         draft_s = {b: target_s[b] for b in sizes}

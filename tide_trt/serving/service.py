@@ -60,6 +60,10 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
         profile = cached_engine_profile(engine, drafter, cfg.draft.gamma_max)
         controller = ControllerPlugin(cfg.controller, profile, cfg.draft.gamma_max, gamma)
         policy = controller
+        if plugins:
+            from tide_trt.online.adaptation import link_controller
+
+            link_controller(plugins, controller)
         plugins.append(controller)
     return generator, policy, plugins
 
