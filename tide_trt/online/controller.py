@@ -20,8 +20,6 @@ confirmation. A probe is not free: its steps cost more than plain ones where spe
 the draft must first catch up on every position decoded since it last ran (a draft prefill over batch ×
 interval tokens). So each probe that leaves speculation off multiplies the interval by ``reprobe_backoff``
 (up to ``reprobe_max_interval_steps``); a probe that turns speculation on, or a new draft, resets it.
-Measured on the 2-core CPU at batch 16 with the fixed 64-step interval, probes and catch-ups cost the
-adaptive controller ~4 % against plain decoding (benchmarks/README.md, issue 5).
 Defaults (confirm 8, dwell 8, 12 prior trials) were set by simulation: with truncated-
 geometric acceptance at α ∈ [0.2, 0.95] and batch 1-8, at most 6 switches in 1000 steps (a plain
 argmax: up to ~700), while heterogeneous batches keep within 1-5 % of the oracle speedup.
@@ -36,7 +34,13 @@ from dataclasses import dataclass
 
 from tide_trt.config import ControllerConfig
 from tide_trt.errors import ConfigError
-from tide_trt.online.perf_model import LatencyProfile, argmax_gamma, mean_expected_tokens, step_cost_ratios
+from tide_trt.online.perf_model import (
+    LatencyProfile,
+    argmax_gamma,
+    best_gamma,
+    mean_expected_tokens,
+    step_cost_ratios,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -200,9 +204,8 @@ class AdaptiveController:
         if b not in self._headroom:
             if len(self._headroom) >= 1024:
                 self._headroom.clear()
-            curve = [m * r for m, r in zip(mean_expected_tokens([_GOOD_DRAFT_ALPHA], self.gamma_max),
-                                           step_cost_ratios(b, self.profile, self.gamma_max), strict=True)]
-            self._headroom[b] = max(curve) > 1.0 + self.config.hysteresis
+            _, best = best_gamma([_GOOD_DRAFT_ALPHA], b, self.profile, self.gamma_max)
+            self._headroom[b] = best > 1.0 + self.config.hysteresis
         return self._headroom[b]
 
     @property

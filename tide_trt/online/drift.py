@@ -114,7 +114,7 @@ class DriftDetector:
         self._limited_retry = max(int(config.draft_limited_retry_steps), 1)
         self._limited_suspensions = 0
         self._served = 0.0  # decode request-steps served, speculative or not
-        self._retry_at = math.inf
+        self._retry_at = math.inf  # finite while the draft-limited trigger is suspended
 
     @property
     def collection_enabled(self) -> bool:
@@ -122,19 +122,18 @@ class DriftDetector:
 
     @property
     def draft_limited_suspended(self) -> bool:
-        return not self._limited_allowed or self._limited_rejections >= self._limited_max_rejections
+        return not self._limited_allowed or self._retry_at < math.inf
 
     def observe_served(self, request_steps: float) -> None:
         """Count served decode request-steps (every step, speculative or not): a suspended draft-limited
         trigger retries after ``draft_limited_retry_steps`` of them."""
         self._served += max(float(request_steps), 0.0)
-        if self._served >= self._retry_at and self._limited_rejections >= self._limited_max_rejections:
-            self._limited_rejections = 0
+        if self._served >= self._retry_at:
             self._retry_at = math.inf
             logger.info("draft-limited collection: retrying after %.0f served request-steps", self._served)
 
     def _suspend_limited(self) -> None:
-        self._limited_rejections = self._limited_max_rejections
+        self._limited_rejections = 0
         self._retry_at = self._served + self._limited_retry * 2 ** min(self._limited_suspensions, 10)
         self._limited_suspensions += 1
 
@@ -211,7 +210,7 @@ class DriftDetector:
             self._suspend_limited()
         elif decision.pause_collection:
             self._limited_rejections += 1
-            if self._limited_rejections >= self._limited_max_rejections:
+            if self._retry_at < math.inf or self._limited_rejections >= self._limited_max_rejections:
                 self._suspend_limited()
         if decision.pause_collection:
             self.pause(decision.reason)
