@@ -38,7 +38,9 @@ def simulate(cfg: ControllerConfig, alpha: float, batch: int, seed: int, steps: 
     for _ in range(steps):
         g = ctl.choose_gamma(ids)
         gammas.append(g)
-        ctl.observe(ids, g, [sample_accepted(rng, alpha, g) for _ in ids], None)
+        drafting = ctl.drafting(ids)
+        per_request = [g if drafting is None or r in drafting else 0 for r in ids]
+        ctl.observe(ids, per_request, [sample_accepted(rng, alpha, x) for x in per_request], None)
     return ctl, gammas
 
 
@@ -166,6 +168,38 @@ def test_reprobe_backoff_is_capped() -> None:
         ctl.observe([1], g, [0], None)
         intervals.add(ctl.reprobe_interval)
     assert intervals == {10, 30, 50}
+
+
+def test_probe_drafts_for_a_few_least_observed_requests() -> None:
+    cfg = ControllerConfig(probe_steps=3, probe_gamma=2, probe_max_requests=2, reprobe_interval_steps=10)
+    ctl = AdaptiveController(cfg, PROFILE, 8, 3)
+    ids = list(range(6))
+    members = []
+    for step in range(3):  # the cold-start probe
+        assert ctl.choose_gamma(ids) == 2
+        members.append(set(ctl.drafting(ids)))
+        ctl.observe(ids, [2 if r in members[-1] else 0 for r in ids], [0] * len(ids), None)
+        if step == 0:
+            ctl.forget(0)  # a member finishes mid-probe: its place goes to the next least-observed request
+            ids = ids[1:]
+    assert members == [{0, 1}, {1, 2}, {1, 2}]
+    assert ctl.choose_gamma(ids) == 0 and ctl.drafting(ids) is None  # probe failed: plain decoding, all rows
+    for _ in range(10):
+        ctl.observe(ids, 0, [0] * len(ids), None)
+        g = ctl.choose_gamma(ids)
+    assert g == 2 and set(ctl.drafting(ids)) == {3, 4}  # the re-probe samples requests not observed yet
+    small = AdaptiveController(cfg, PROFILE, 8, 3)
+    assert small.choose_gamma([7, 8]) == 2 and small.drafting([7, 8]) is None  # batch <= k: all draft
+
+
+def test_observe_per_request_draft_lengths() -> None:
+    ctl = AdaptiveController(ControllerConfig(prior_acceptance=0.5, ema_long=1.0), PROFILE, 8, 3)
+    ctl.observe([1, 2, 3], [3, 0, 2], [3, 0, 1], 0.05)
+    # request 1: 3 successes, 3 trials (not censored); request 3: 1 success + 1 failure; request 2 drafted nothing
+    assert ctl.global_acceptance == pytest.approx(4 / 5)
+    assert ctl.snapshot().measured_speedup is None  # a mixed step is not timed
+    with pytest.raises(ValueError):
+        ctl.observe([1, 2], [3], [1, 0], None)
 
 
 def test_snapshot_measured_speedup() -> None:

@@ -7,6 +7,7 @@ import torch
 
 from tests.conftest import make_engine, random_prompts
 from tide_trt.errors import TideError
+from tide_trt.models.llama import packed_rows
 
 
 def hf_reference(model_dir, ids: list[int]):
@@ -75,6 +76,28 @@ def test_mixed_lengths_decode_step(tiny_engine):
         ref = tiny_engine.forward([ref_slot], [p + [11, 12, 13]], logits="all")
         assert torch.allclose(step.logits[b], ref.logits[0, -3:], atol=1e-5)
         tiny_engine.free_slot(ref_slot)
+
+
+def test_ragged_verification_chunks_equal_individual_runs(tiny_checkpoint):
+    """A probe step: some rows verify γ+1 tokens while the others decode one. The matmuls run on the real rows
+    only (packed); every row still equals a run of that sequence alone, and padded positions are zero."""
+    prompts = random_prompts(4, 96, seed=9)
+    chunks = [[11, 12, 13], [14], [15], [16, 17, 18]]
+    assert packed_rows([len(c) for c in chunks], 3, "cpu") is not None
+    assert packed_rows([3, 3, 3, 3], 3, "cpu") is None  # nothing padded: the plain path
+    engine = make_engine(tiny_checkpoint)
+    slots = [engine.allocate_slot() for _ in prompts]
+    engine.forward(slots, prompts)
+    step = engine.forward(slots, chunks, logits="all")
+    for b, (p, c) in enumerate(zip(prompts, chunks, strict=True)):
+        ref_slot = engine.allocate_slot()
+        ref = engine.forward([ref_slot], [p + c], logits="all")
+        n = len(c)
+        assert torch.allclose(step.logits[b, :n], ref.logits[0, -n:], atol=1e-5)
+        assert torch.allclose(step.hidden[b, :n], ref.hidden[0, -n:], atol=1e-5)
+        assert not step.logits[b, n:].any()
+        assert engine.seq_len(slots[b]) == len(p) + n
+        engine.free_slot(ref_slot)
 
 
 def test_slots_and_limits(tiny_checkpoint):

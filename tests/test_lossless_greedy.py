@@ -36,8 +36,8 @@ def tiny_trained_head(tiny_checkpoint):
     return head
 
 
-def _run(engine, drafter, prompts, gamma, max_new=40):
-    gen = SpeculativeGenerator(engine, drafter)
+def _run(engine, drafter, prompts, gamma, max_new=40, catch_up_window=0):
+    gen = SpeculativeGenerator(engine, drafter, catch_up_window=catch_up_window)
     reqs = [GenerationRequest(str(i), p, max_new) for i, p in enumerate(prompts)]
     return run_to_completion(gen, reqs, gamma).sequences
 
@@ -73,6 +73,44 @@ def test_tiny_requests_joining_mid_batch(tiny_checkpoint, tiny_trained_head):
                 outputs[rid] = gen.release(rid).output_ids
         step += 1
     assert outputs == plain
+
+
+def test_tiny_probe_subset_drafts_while_others_decode(tiny_checkpoint, tiny_trained_head):
+    """A controller probe drafts for a few requests only: in the same target pass the others decode one token.
+    Every request still decodes exactly as plain greedy, and only the chosen ones draft."""
+    engine = make_engine(tiny_checkpoint)
+    prompts = random_prompts(6, 96, seed=21)
+    plain = {s.request.request_id: s.output_ids for s in _run(engine, None, prompts, 0)}
+    gen = SpeculativeGenerator(engine, ChainDrafter(tiny_trained_head, 8, 256, torch.float32, "cpu"))
+    for i, p in enumerate(prompts):
+        gen.add(GenerationRequest(str(i), p, 40))
+    outputs, step, drafted = {}, 0, 0
+    while gen.num_active:
+        ids = sorted(gen.sequences)
+        chosen = set(ids[step % len(ids)::3])  # a rotating third of the batch drafts
+        for ev in gen.step(1 + step % 3, chosen):
+            if not ev.is_prefill:
+                assert (ev.num_draft > 0) == (ev.request_id in chosen)
+                drafted += ev.num_draft
+        for rid, seq in list(gen.sequences.items()):
+            if seq.finished:
+                outputs[rid] = gen.release(rid).output_ids
+        step += 1
+    assert outputs == plain
+    assert drafted > 0
+
+
+def test_tiny_bounded_catch_up_is_lossless(tiny_checkpoint, tiny_trained_head):
+    """With a catch-up window the draft restarts on a prompt's last positions (and after a probe gap) instead of
+    reading the whole context: proposals change, outputs do not."""
+    engine = make_engine(tiny_checkpoint)
+    prompts = random_prompts(6, 96, seed=31, min_len=12)
+    plain = _run(engine, None, prompts, 0)
+    drafter = ChainDrafter(tiny_trained_head, 8, 256, torch.float32, "cpu")
+    spec = _run(engine, drafter, prompts, 3, catch_up_window=5)
+    assert [s.output_ids for s in spec] == [s.output_ids for s in plain]
+    assert max(drafter.origin) > 0  # frames were restarted
+    assert sum(s.accepted_tokens for s in spec) > 0
 
 
 def _margins(engine, prompt: list[int], out: list[int]) -> list[float]:

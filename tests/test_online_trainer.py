@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from tide_trt.online.drift import DriftDetector
 from tide_trt.online.refit import RefitWatcher
 from tide_trt.online.signals import ShardInfo, SignalBuffer, read_shard
 from tide_trt.online.store import DraftStore, SignalStore
-from tide_trt.online.trainer import OnlineTrainer, chain_counts, make_chunks, ttt_loss_any_device
+from tide_trt.online.trainer import OnlineTrainer, chain_counts, gate_baseline, make_chunks, ttt_loss_any_device
 from tide_trt.training.offline import new_head
 from tide_trt.training.ttt import collate, simulated_acceptance, ttt_loss
 from tide_trt.training.vocab import t2d_from_d2t
@@ -115,6 +116,17 @@ def test_losses_and_evaluation_match_the_training_module(tiny) -> None:
     acc, trials, chains = chain_counts(full, batch, t2d_full, 3)
     ref = simulated_acceptance(full, batch, t2d_full, 3)
     assert chains == ref["chains"] and acc / (chains * 3) == pytest.approx(ref["alpha"])
+
+
+def test_gate_baseline_needs_enough_served_trials() -> None:
+    parent = {"p": 0.33, "trials": 384.0}
+    tc = TrainerConfig(gate_baseline="served", gate_min_served_trials=100)
+    assert gate_baseline(tc, 0.39, 171, parent) == (0.39, "served", 171)  # Algorithm 1: what requests saw
+    # speculation was off: 9 probe trials measure nothing, the old draft on the same held-out data decides
+    assert gate_baseline(tc, 0.22, 9, parent) == (0.33, "parent_eval", 384)
+    assert gate_baseline(tc, None, 0, parent) == (0.33, "parent_eval", 384)
+    assert gate_baseline(replace(tc, gate_baseline="max"), 0.39, 171, parent) == (0.39, "max", 171)
+    assert gate_baseline(replace(tc, gate_baseline="parent"), 0.39, 171, parent)[1] == "parent_eval"
 
 
 def test_round_publishes_an_improvement_and_consumes_its_shards(tiny, tmp_path) -> None:

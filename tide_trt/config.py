@@ -49,6 +49,7 @@ class DraftConfig:
     path: str = "default"  # "default" = shipped draft, "" or "none" = no draft
     gamma: int = 3
     gamma_max: int = 8
+    catch_up_window: int = 64  # the draft catches up on at most this many positions per sequence (0: all)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ControllerConfig:
     confirm_steps: int = 8  # consecutive steps a better gamma must win by > hysteresis
     probe_steps: int = 4  # length of a re-probe (and of the cold-start probe)
     probe_gamma: int = 2  # gamma used while probing (clamped to 1..gamma_max)
+    probe_max_requests: int = 4  # a probe drafts for at most this many running requests (0: all)
     prior_acceptance: float = 0.6  # global acceptance estimate before any observation
     request_prior_trials: float = 12.0  # pseudo-trials shrinking a request's estimate to the global one
 
@@ -115,6 +117,7 @@ class TrainerConfig:
     train_on_prompt: bool = False  # also learn prompt-token labels (user text); output labels always
     eval_gamma: int = 3  # chain length of the held-out simulated acceptance
     gate_baseline: str = "served"  # "served" (Algorithm 1) | "parent" (old draft on held-out) | "max"
+    gate_min_served_trials: int = 100  # fewer served draft trials than this: compare with the parent's eval
     autocast: bool = True  # bf16 autocast for training matmuls on CUDA and bf16-capable CPUs (weights stay fp32)
     save_dtype: str = "bfloat16"  # dtype of published versions
     max_round_seconds: float = 0.0  # 0 = no time budget per round

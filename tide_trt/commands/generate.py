@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     drafter = build_drafter(engine, draft_path) if draft_path else None
     prompt_ids = encode_prompt(engine.tokenizer, args.prompt, chat=not args.raw)
     cfg.engine.max_seq_len = max(cfg.engine.max_seq_len, len(prompt_ids) + args.max_tokens + 16)
-    gen = SpeculativeGenerator(engine, drafter)
+    gen = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)
     req = make_request("cli", prompt_ids, args.max_tokens, sampling, engine.info.eos_token_ids)
     controller = None
     if drafter is not None and args.adaptive:

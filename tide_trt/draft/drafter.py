@@ -1,7 +1,9 @@
 """Chain drafter: runs the EAGLE-3 head over its own KV cache to propose γ tokens per sequence.
 
-Per sequence the drafter keeps `cached` = number of true entries in its KV cache. A proposal first catches
-up on the pending true entries (target capture states of positions cached..P with their next tokens), then
+Per sequence the drafter keeps `cached` = number of true entries in its KV cache and `origin` = the target
+position of entry 0 (0 unless a bounded catch-up restarted the sequence's frame on its last positions: RoPE
+is relative, so the draft then attends to those positions exactly as if they were all it had seen). A proposal
+first catches up on the pending true entries (target capture states of positions cached..P with their next tokens), then
 chains γ-1 single-token steps feeding its own output hidden back. Chained entries are never committed: the
 next proposal overwrites them (rollback is a length, as in the target cache).
 """
@@ -46,6 +48,7 @@ class ChainDrafter:
         c = head.cfg
         self.cache = KVCache(1, max_slots, c.num_kv_heads, max_seq_len + 16, c.head_dim, dtype, device)
         self.cached = [0] * max_slots
+        self.origin = [0] * max_slots
         self.head = self._serving_copy(head)
         self.version = version
 
@@ -79,13 +82,25 @@ class ChainDrafter:
         self.head = self._serving_copy(head)
         self.version = version
         self.cached = [0] * len(self.cached)
+        self.origin = [0] * len(self.origin)
 
     def reset_slot(self, slot: int) -> None:
+        self.cached[slot] = 0
+        self.origin[slot] = 0
+
+    def next_position(self, slot: int) -> int:
+        """Target position of the first true entry not yet in this slot's draft cache."""
+        return self.origin[slot] + self.cached[slot]
+
+    def restart(self, slot: int, position: int) -> None:
+        """Drop the slot's draft cache; its next catch-up starts at target `position` (a bounded catch-up)."""
+        self.origin[slot] = position
         self.cached[slot] = 0
 
     def move_slot(self, src: int, dst: int) -> None:
         self.cache.move(src, dst, self.cached[src])
         self.cached[dst], self.cached[src] = self.cached[src], 0
+        self.origin[dst], self.origin[src] = self.origin[src], 0
 
     @torch.inference_mode()
     def propose(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]],

@@ -11,11 +11,12 @@ This is the engine core every front end drives (CLI, Triton scheduler, benchmark
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import torch
 
+from tide_trt.config import DraftConfig
 from tide_trt.draft.drafter import ChainDrafter, DraftSampling
 from tide_trt.engine.base import TargetEngine
 from tide_trt.errors import RequestError
@@ -74,10 +75,14 @@ class StepEvent:
 
 class SpeculativeGenerator:
     def __init__(self, engine: TargetEngine, drafter: ChainDrafter | None = None,
-                 signal_sink: SignalSink | None = None):
+                 signal_sink: SignalSink | None = None,
+                 catch_up_window: int = DraftConfig.catch_up_window):
         self.engine = engine
         self.drafter = drafter
         self.signal_sink = signal_sink
+        # the draft catches up on at most this many positions (0: all): after speculation was off, or on a new
+        # prompt, it restarts on the last ones instead of a draft prefill over the whole context
+        self.catch_up_window = max(int(catch_up_window), 0)
         info = engine.info
         self.sequences: dict[str, SequenceState] = {}
         # capture-layer states of every cached target position, per slot (draft catch-up and refit re-feed)
@@ -134,7 +139,9 @@ class SpeculativeGenerator:
         return len(self.sequences)
 
     # ---- one engine step ----------------------------------------------------------------------------------
-    def step(self, gamma: int) -> list[StepEvent]:
+    def step(self, gamma: int, drafting: Collection[str] | None = None) -> list[StepEvent]:
+        """One engine step at draft length γ. `drafting`: the request ids that draft this step (None: all);
+        the others decode one token in the same target pass (a controller's probe of a few requests)."""
         events: list[StepEvent] = []
         new = sorted((s for s in self.sequences.values() if not s.prefilled and not s.finished),
                      key=lambda s: s.slot)
@@ -144,8 +151,9 @@ class SpeculativeGenerator:
                          key=lambda s: s.slot)
         if running:
             gamma = self._cap_gamma(running, gamma)
-            if gamma > 0 and self.drafter is not None:
-                events.extend(self._speculate(running, gamma))
+            chosen = running if drafting is None else [s for s in running if s.request.request_id in drafting]
+            if gamma > 0 and self.drafter is not None and chosen:
+                events.extend(self._speculate(running, chosen, gamma))
             else:
                 events.extend(self._plain(running))
         return events
@@ -176,35 +184,52 @@ class SpeculativeGenerator:
             events.append(self._commit(s, [int(nxt[b])], 0, 0))
         return events
 
-    def _speculate(self, seqs: list[SequenceState], gamma: int) -> list[StepEvent]:
+    def _speculate(self, seqs: list[SequenceState], drafting: list[SequenceState], gamma: int) -> list[StepEvent]:
+        """Draft γ tokens for `drafting` (a subset of seqs, in slot order), verify them and decode the other
+        sequences' next token in one target pass."""
         drafter = self.drafter
-        slots = [s.slot for s in seqs]
         pend_h, pend_t = [], []
-        for s in seqs:
-            lo, hi = drafter.cached[s.slot], len(s.tokens) - 1  # true entries lo..hi-1 not yet in draft cache
+        window = self.catch_up_window
+        for s in drafting:
+            lo, hi = drafter.next_position(s.slot), len(s.tokens) - 1  # true entries lo..hi-1 not yet drafted on
+            if window and hi - lo > window:
+                lo = hi - window
+                drafter.restart(s.slot, lo)
             pend_h.append(self.history[s.slot, lo:hi])  # [m, C, H]
             pend_t.append(s.tokens[lo + 1: hi + 1])
-        sampling = self._draft_sampling(seqs)
-        proposal = drafter.propose(slots, pend_h, pend_t, gamma, sampling)
-        chunks = [[s.tokens[-1]] + row for s, row in zip(seqs, proposal.tokens.tolist(), strict=False)]
+        sampling = self._draft_sampling(drafting)
+        proposal = drafter.propose([s.slot for s in drafting], pend_h, pend_t, gamma, sampling)
+        rows = dict(zip((id(s) for s in drafting), proposal.tokens.tolist(), strict=True))
+        chunks = [[s.tokens[-1]] + rows.get(id(s), []) for s in seqs]
         starts = [len(s.tokens) - 1 for s in seqs]
-        out = self.engine.forward(slots, chunks, logits="all")  # logits [B, gamma+1, V]
+        out = self.engine.forward([s.slot for s in seqs], chunks, logits="all")  # logits [B, gamma+1, V]
+        spec_idx = [b for b, s in enumerate(seqs) if id(s) in rows]
+        plain_idx = [b for b, s in enumerate(seqs) if id(s) not in rows]
         if sampling is None:
-            temp = top_p = top_k = torch.zeros(len(seqs))
-            gens: list = [None] * len(seqs)
+            temp = top_p = top_k = torch.zeros(len(drafting))
+            gens: list = [None] * len(drafting)
         else:
             temp, top_p, top_k, gens = sampling.temperature, sampling.top_p, sampling.top_k, sampling.generators
-        result = mixed_verify(proposal.tokens, proposal.probs, out.logits, temp, top_p, top_k, gens)
+        logits = out.logits if not plain_idx else out.logits[spec_idx]  # [k, gamma+1, V]
+        result = mixed_verify(proposal.tokens, proposal.probs, logits, temp, top_p, top_k, gens)
+        plain_next = (self._sample_rows(out.logits[plain_idx, 0], [seqs[b] for b in plain_idx]).tolist()
+                      if plain_idx else [])
+        outcome: dict[int, tuple[int, list[int]]] = {}  # row -> (accepted drafts, output ids)
+        for j, b in enumerate(spec_idx):
+            n_out = int(result.num_output[j])
+            outcome[b] = (int(result.num_accepted[j]), result.output_ids[j, :n_out].tolist())
+        for j, b in enumerate(plain_idx):
+            outcome[b] = (0, [int(plain_next[j])])
         events = []
         for b, s in enumerate(seqs):
-            k = int(result.num_accepted[b])
-            n_out = int(result.num_output[b])
+            k, new_ids = outcome[b]
+            drafted = gamma if id(s) in rows else 0
             self.engine.truncate(s.slot, starts[b] + k + 1)  # keep pending + accepted drafts
             self._record(s, starts[b], out.hidden[b, : k + 1], chunks[b][: k + 1], is_prompt=False)
             s.steps += 1
-            s.draft_tokens += gamma
+            s.draft_tokens += drafted
             s.accepted_tokens += k
-            events.append(self._commit(s, result.output_ids[b, :n_out].tolist(), gamma, k))
+            events.append(self._commit(s, new_ids, drafted, k))
         return events
 
     # ---- helpers ------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 The scheduler (serving) or a benchmark loop calls, around every `SpeculativeGenerator.step`:
     gamma = policy.choose_gamma(active_request_ids)
+    drafting = policy.drafting(active_request_ids)    # None: all draft; else the few a probe speculates on
     for p in plugins: p.before_step(generator)        # e.g. refit: swap draft weights between steps
-    events = generator.step(gamma)
+    events = generator.step(gamma, drafting)
     for p in plugins: p.after_step(generator, gamma, events, seconds)
     for each finished sequence: p.on_finish(seq) (before the slot is released)
 `metrics()` returns flat name -> value pairs for Prometheus and server stats.
@@ -12,7 +13,7 @@ The scheduler (serving) or a benchmark loop calls, around every `SpeculativeGene
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from tide_trt.engine.generator import SequenceState, SpeculativeGenerator, StepEvent
@@ -32,6 +33,9 @@ class StepPlugin(Protocol):
 class GammaPolicy(Protocol):
     def choose_gamma(self, request_ids: Sequence[str]) -> int: ...
 
+    def drafting(self, request_ids: Sequence[str]) -> Collection[str] | None:
+        """The requests that draft at the γ just chosen (None: all of them)."""
+
 
 class StaticGamma:
     """Fixed draft length (γ = 0 means plain decoding)."""
@@ -42,16 +46,22 @@ class StaticGamma:
     def choose_gamma(self, request_ids: Sequence[str]) -> int:
         return self.gamma
 
+    def drafting(self, request_ids: Sequence[str]) -> Collection[str] | None:
+        return None
+
 
 def run_step(generator: SpeculativeGenerator, policy: GammaPolicy, plugins: Sequence[StepPlugin]
              ) -> tuple[int, list[StepEvent], float]:
     """One engine step with plugins around it. Returns (gamma, events, seconds)."""
     active = [rid for rid, s in generator.sequences.items() if not s.finished]
-    gamma = policy.choose_gamma(active) if generator.drafter is not None else 0
+    gamma, drafting = 0, None
+    if generator.drafter is not None:
+        gamma = policy.choose_gamma(active)
+        drafting = policy.drafting(active) if gamma > 0 else None
     for p in plugins:
         p.before_step(generator)
     t0 = time.perf_counter()
-    events = generator.step(gamma)
+    events = generator.step(gamma, drafting)
     seconds = time.perf_counter() - t0
     for p in plugins:
         p.after_step(generator, gamma, events, seconds)

@@ -182,40 +182,79 @@ class LlamaModel:
         starts: torch.Tensor,
         capture_layers: tuple[int, ...],
         logit_index: torch.Tensor | None,
+        counts: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Run T new tokens per sequence.
 
         slots [B] int64, tokens [B, T] int64, starts [B] int64 (cache length before this call).
         logit_index: None -> logits for all T positions; else [B, K] positions to compute logits at.
-        Returns (logits [B, K or T, V] float32, captured [B, T, len(capture_layers), H], final_hidden [B, T, H]).
+        counts: real tokens per row (the rest of the row is padding); ragged batches run their matmuls on the
+        real rows only (a verification step where few rows draft, a prefill of prompts of unequal length).
+        Returns (logits [B, K or T, V] float32, captured [B, T, len(capture_layers), H], final_hidden [B, T, H]);
+        padded positions hold zeros or garbage.
         """
         a = self.arch
         bsz, t = tokens.shape
+        rows = packed_rows(counts, t, tokens.device)  # [N] flat indices of real tokens, or None
         positions = starts[:, None] + torch.arange(t, device=tokens.device)[None, :]  # [B, T]
         cos = self.cos[positions][:, None]  # [B, 1, T, D]
         sin = self.sin[positions][:, None]
         layout = cache.layout(slots, starts, t)
         x = F.embedding(tokens, self.w.embed).to(self.dtype)  # [B, T, H]
+        if rows is not None:
+            x = x.reshape(bsz * t, -1)[rows]  # [N, H]: the residual stream of real tokens only
         states: dict[int, torch.Tensor] = {}
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         for i, lw in enumerate(self.w.layers):
             if i in capture_layers:
                 states[i] = x
             h = rms_norm(x, lw["input_norm"], a.rms_norm_eps)
-            qkv = linear(h, lw["qkv"])  # [B, T, (Hq+2Hkv)*D]
+            qkv = unpack_rows(linear(h, lw["qkv"]), rows, bsz, t)  # [B, T, (Hq+2Hkv)*D]
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = apply_rope(q.view(bsz, t, a.num_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
             k = apply_rope(k.view(bsz, t, a.num_kv_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
             v = v.view(bsz, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
             k_all, v_all = cache.write_and_read(i, layout, k, v)  # [B, Hkv, Lk, D]
             attn = attention(q, k_all, v_all, layout.mask, layout.is_causal, self.scale)  # [B, Hq, T, D]
-            x = x + linear(attn.transpose(1, 2).reshape(bsz, t, q_size), lw["o"])
+            attn = attn.transpose(1, 2).reshape(bsz, t, q_size)
+            if rows is not None:
+                attn = attn.reshape(bsz * t, q_size)[rows]  # [N, Hq*D]
+            x = x + linear(attn, lw["o"])
             h = rms_norm(x, lw["post_norm"], a.rms_norm_eps)
             gate, up = linear(h, lw["gate_up"]).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, lw["down"])
         states[a.num_layers] = x  # the last layer's output (before the final norm)
-        final = rms_norm(x, self.w.norm, a.rms_norm_eps)  # [B, T, H]
-        sel = final if logit_index is None else torch.gather(
-            final, 1, logit_index[:, :, None].expand(-1, -1, final.shape[-1]))
+        final = rms_norm(x, self.w.norm, a.rms_norm_eps)  # [B, T, H] or [N, H]
+        captured = unpack_rows(torch.stack([states[c] for c in capture_layers], dim=-2), rows, bsz, t)
+        if logit_index is None:
+            logits = unpack_rows(linear(final.float(), self.w.lm_head), rows, bsz, t)  # [B, T, V] float32
+            return logits, captured, unpack_rows(final, rows, bsz, t)
+        final = unpack_rows(final, rows, bsz, t)
+        sel = torch.gather(final, 1, logit_index[:, :, None].expand(-1, -1, final.shape[-1]))
         logits = linear(sel.float(), self.w.lm_head)  # [B, K, V] float32
-        return logits, torch.stack([states[c] for c in capture_layers], dim=2), final
+        return logits, captured, final
+
+
+PACK_MIN_PADDING = 0.125  # pack a ragged batch when at least this fraction of its [B, T] positions is padding
+
+
+def packed_rows(counts: list[int] | None, width: int, device: str | torch.device) -> torch.Tensor | None:
+    """Flat indices [N] of the real tokens of a right-padded [B, width] batch, or None when packing would not
+    pay (no counts, or padding below PACK_MIN_PADDING)."""
+    if counts is None:
+        return None
+    total = len(counts) * width
+    if total - sum(counts) < PACK_MIN_PADDING * total:
+        return None
+    lengths = torch.tensor(counts, dtype=torch.long, device=device)  # [B]
+    real = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [B, T]
+    return real.reshape(-1).nonzero().squeeze(1)
+
+
+def unpack_rows(x: torch.Tensor, rows: torch.Tensor | None, bsz: int, width: int) -> torch.Tensor:
+    """Packed [N, *F] -> padded [B, width, *F] (zeros at padded positions); identity when rows is None."""
+    if rows is None:
+        return x
+    out = x.new_zeros((bsz * width, *x.shape[1:]))
+    out[rows] = x
+    return out.view(bsz, width, *x.shape[1:])

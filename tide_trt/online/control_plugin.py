@@ -8,7 +8,7 @@ finished requests are forgotten. A refit calls `on_draft_updated` so that specul
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from tide_trt.config import ControllerConfig
 from tide_trt.engine.generator import SequenceState, SpeculativeGenerator, StepEvent
@@ -27,6 +27,9 @@ class ControllerPlugin:
     def choose_gamma(self, request_ids: Sequence[str]) -> int:
         return self.controller.choose_gamma(list(request_ids))
 
+    def drafting(self, request_ids: Sequence[str]) -> Collection[str] | None:
+        return self.controller.drafting(list(request_ids))
+
     # StepPlugin
     def before_step(self, generator: SpeculativeGenerator) -> None:
         drafter = generator.drafter
@@ -40,10 +43,10 @@ class ControllerPlugin:
         if not decode:
             return
         had_prefill = len(decode) != len(events)
-        step_gamma = decode[0].num_draft
+        step_gamma = max(e.num_draft for e in decode)
         self.steps_by_gamma[step_gamma] = self.steps_by_gamma.get(step_gamma, 0) + 1
-        self.controller.observe([e.request_id for e in decode], step_gamma, [e.num_accepted for e in decode],
-                                None if had_prefill else seconds)
+        self.controller.observe([e.request_id for e in decode], [e.num_draft for e in decode],
+                                [e.num_accepted for e in decode], None if had_prefill else seconds)
 
     def on_finish(self, seq: SequenceState) -> None:
         self.controller.forget(seq.request.request_id)

@@ -20,6 +20,10 @@ confirmation. A probe is not free: its steps cost more than plain ones where spe
 the draft must first catch up on every position decoded since it last ran (a draft prefill over batch ×
 interval tokens). So each probe that leaves speculation off multiplies the interval by ``reprobe_backoff``
 (up to ``reprobe_max_interval_steps``); a probe that turns speculation on, or a new draft, resets it.
+At large batches a probe drafts for only ``probe_max_requests`` of the running requests (the least-observed
+ones, kept for the whole probe): the others decode one token in the same target pass, so the probe's extra
+target rows are k·γ instead of b·γ and the catch-up covers k sequences; α is per draft token, so a few
+requests measure it as well as the whole batch.
 Defaults (confirm 8, dwell 8, 12 prior trials) were set by simulation: with truncated-
 geometric acceptance at α ∈ [0.2, 0.95] and batch 1-8, at most 6 switches in 1000 steps (a plain
 argmax: up to ~700), while heterogeneous batches keep within 1-5 % of the oracle speedup.
@@ -29,7 +33,7 @@ Pure Python, no torch: choose_gamma + observe cost ~10 µs at batch 1, ~30 µs a
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from tide_trt.config import ControllerConfig
@@ -112,6 +116,8 @@ class AdaptiveController:
         self._failed_probes = 0  # consecutive probes after which speculation stayed off
         self._last_batch = 0
         self._headroom: dict[int, bool] = {}
+        self._probe_members: list[int] = []  # requests the current probe drafts for (empty: all)
+        self._drafting: frozenset | None = None  # requests drafting at the γ last returned (None: all)
 
     # ------------------------------------------------------------------ estimates
     def _probing_enabled(self) -> bool:
@@ -145,6 +151,7 @@ class AdaptiveController:
     # ------------------------------------------------------------------ decisions
     def choose_gamma(self, request_ids: Sequence[int]) -> int:
         """γ for this engine step of the running batch (call once per step)."""
+        self._drafting = None
         if not request_ids:
             return 0
         self._steps += 1
@@ -161,14 +168,14 @@ class AdaptiveController:
             self._start_probe("cold start" if self._probes == 0 else "requested")
         if self._probe_left > 0:
             self._probe_left -= 1
-            return self._emit(self.probe_gamma, curve[self.probe_gamma])
+            return self._emit_probe(request_ids, curve)
         self._decide(curve)
         if self._committed == 0:
             interval = self.reprobe_interval
             if interval > 0 and self._probing_enabled() and self._steps_off >= interval:
                 self._start_probe(f"{self._steps_off} steps without speculation")
                 self._probe_left -= 1
-                return self._emit(self.probe_gamma, curve[self.probe_gamma])
+                return self._emit_probe(request_ids, curve)
             self._steps_off += 1
         else:
             self._steps_off = 0
@@ -219,11 +226,32 @@ class AdaptiveController:
 
     def _start_probe(self, why: str) -> None:
         self._probe_pending = False
+        self._probe_members = []
         self._probe_left = self.config.probe_steps
         self._steps_off = 0
         self._after_probe = True
         self._probes += 1
         logger.debug("probing gamma=%d for %d steps (%s)", self.probe_gamma, self._probe_left, why)
+
+    def _emit_probe(self, request_ids: Sequence[int], curve: list[float]) -> int:
+        """A probe step: γ = probe_gamma for at most probe_max_requests requests (kept across the probe's steps,
+        topped up with the least-observed requests when members finish)."""
+        k = self.config.probe_max_requests
+        if 0 < k < len(request_ids):
+            active = set(request_ids)
+            members = [r for r in self._probe_members if r in active]
+            if len(members) < k:
+                chosen = set(members)
+                others = sorted((r for r in request_ids if r not in chosen),
+                                key=lambda r: self._req[r][1] if r in self._req else 0.0)
+                members += others[: k - len(members)]
+            self._probe_members = members
+            self._drafting = frozenset(members)
+        return self._emit(self.probe_gamma, curve[self.probe_gamma])
+
+    def drafting(self, request_ids: Sequence[int]) -> Collection[int] | None:
+        """The requests that draft at the γ last returned by choose_gamma: a probe's members, else None (all)."""
+        return self._drafting
 
     def _emit(self, gamma: int, predicted: float) -> int:
         self._last_gamma = gamma
@@ -248,16 +276,22 @@ class AdaptiveController:
     def observe(
         self,
         request_ids: Sequence[int],
-        gamma: int,
+        gamma: int | Sequence[int],
         num_accepted: Sequence[int],
         step_seconds: float | None = None,
     ) -> None:
-        """Record one verification step: ``num_accepted[i]`` of ``gamma`` drafts kept for request i."""
+        """Record one verification step: ``num_accepted[i]`` of the ``gamma`` (or ``gamma[i]``: a probe drafts for
+        some requests only) drafts kept for request i. The step time feeds the measured speedup when every
+        request drafted the same γ."""
         if len(num_accepted) != len(request_ids):
             raise ValueError(f"{len(request_ids)} request ids but {len(num_accepted)} accepted counts")
+        gammas = [int(gamma)] * len(request_ids) if isinstance(gamma, int) else [int(g) for g in gamma]
+        if len(gammas) != len(request_ids):
+            raise ValueError(f"{len(request_ids)} request ids but {len(gammas)} draft lengths")
+        uniform = len(set(gammas)) <= 1
         keep_r = 1.0 - self.config.ema_short
         tot_k = tot_t = 0
-        for rid, k_raw in zip(request_ids, num_accepted, strict=True):
+        for rid, gamma, k_raw in zip(request_ids, gammas, num_accepted, strict=True):
             k = min(max(int(k_raw), 0), gamma) if gamma > 0 else 0
             est = self._req.get(rid)
             if est is None:
@@ -276,12 +310,12 @@ class AdaptiveController:
         keep_g = 1.0 - self.config.ema_long if self._global[1] > _MIN_MASS else 1.0
         self._global[0] = self._global[0] * keep_g + tot_k
         self._global[1] = self._global[1] * keep_g + tot_t
-        if step_seconds and step_seconds > 0.0 and request_ids:
+        if step_seconds and step_seconds > 0.0 and request_ids and uniform:
             b = len(request_ids)
             tokens = tot_k + b  # accepted + one recovered/bonus token per request
             ratio = tokens * self.profile.target(b) / (b * step_seconds)
-            old = self._measured.get(gamma)
-            self._measured[gamma] = ratio if old is None else old + _MEASURED_EMA * (ratio - old)
+            old = self._measured.get(gammas[0])
+            self._measured[gammas[0]] = ratio if old is None else old + _MEASURED_EMA * (ratio - old)
 
     def forget(self, request_id: int) -> None:
         """Drop a finished request's estimate."""

@@ -199,6 +199,18 @@ def served_acceptance(seqs: list[SignalSequence]) -> tuple[float | None, int]:
     return (acc / trials if trials else None), trials
 
 
+def gate_baseline(tc: TrainerConfig, served: float | None, served_trials: int, parent_eval: dict[str, float]
+                  ) -> tuple[float, str, int]:
+    """(acceptance to beat, its kind, its trial count) for the deploy gate. Too few served draft tokens
+    (speculation was mostly off) measure nothing — their SE would blind the gate — so below
+    `gate_min_served_trials` the old draft's acceptance on the same held-out data is the baseline."""
+    if tc.gate_baseline == "parent" or served is None or served_trials < tc.gate_min_served_trials:
+        return parent_eval["p"], "parent_eval", int(parent_eval["trials"])
+    if tc.gate_baseline == "max":
+        return max(served, parent_eval["p"]), "max", served_trials
+    return served, "served", served_trials
+
+
 @dataclass
 class RoundResult:
     deploy: bool
@@ -218,12 +230,7 @@ def train_round(head: Eagle3Head, train: list[SignalSequence], held: list[Signal
     history = fit(head, train_chunks, t2d, tc, seed=seed, stop=stop)
     new_eval = evaluate(head, held_chunks, t2d, tc.eval_gamma, tc.device)
     served, served_trials = served_acceptance(train)
-    if tc.gate_baseline == "parent" or served is None:
-        baseline, kind, n_base = parent_eval["p"], "parent_eval", int(parent_eval["trials"])
-    elif tc.gate_baseline == "max":
-        baseline, kind, n_base = max(served, parent_eval["p"]), "max", served_trials
-    else:
-        baseline, kind, n_base = served, "served", served_trials
+    baseline, kind, n_base = gate_baseline(tc, served, served_trials, parent_eval)
     decision = gate.decide(new_eval["p"], baseline, num_eval=int(new_eval["trials"]), num_train=n_base)
     data = {"train_sequences": len(train), "heldout_sequences": len(held),
             "train_tokens": sum(s.num_tokens for s in train),
