@@ -199,12 +199,14 @@ class SpeculativeGenerator:
             pend_t.append(s.tokens[lo + 1: hi + 1])
         sampling = self._draft_sampling(drafting)
         proposal = drafter.propose([s.slot for s in drafting], pend_h, pend_t, gamma, sampling)
-        rows = dict(zip((id(s) for s in drafting), proposal.tokens.tolist(), strict=True))
-        chunks = [[s.tokens[-1]] + rows.get(id(s), []) for s in seqs]
+        draft_slots = {s.slot for s in drafting}
+        spec_idx = [b for b, s in enumerate(seqs) if s.slot in draft_slots]  # rows of `drafting` within seqs
+        plain_idx = [b for b, s in enumerate(seqs) if s.slot not in draft_slots]
+        chunks = [[s.tokens[-1]] for s in seqs]
+        for b, row in zip(spec_idx, proposal.tokens.tolist(), strict=True):
+            chunks[b] += row
         starts = [len(s.tokens) - 1 for s in seqs]
         out = self.engine.forward([s.slot for s in seqs], chunks, logits="all")  # logits [B, gamma+1, V]
-        spec_idx = [b for b, s in enumerate(seqs) if id(s) in rows]
-        plain_idx = [b for b, s in enumerate(seqs) if id(s) not in rows]
         if sampling is None:
             temp = top_p = top_k = torch.zeros(len(drafting))
             gens: list = [None] * len(drafting)
@@ -212,24 +214,25 @@ class SpeculativeGenerator:
             temp, top_p, top_k, gens = sampling.temperature, sampling.top_p, sampling.top_k, sampling.generators
         logits = out.logits if not plain_idx else out.logits[spec_idx]  # [k, gamma+1, V]
         result = mixed_verify(proposal.tokens, proposal.probs, logits, temp, top_p, top_k, gens)
-        plain_next = (self._sample_rows(out.logits[plain_idx, 0], [seqs[b] for b in plain_idx]).tolist()
-                      if plain_idx else [])
-        outcome: dict[int, tuple[int, list[int]]] = {}  # row -> (accepted drafts, output ids)
+        accepted = [0] * len(seqs)
+        new_ids: list[list[int]] = [[] for _ in seqs]
         for j, b in enumerate(spec_idx):
-            n_out = int(result.num_output[j])
-            outcome[b] = (int(result.num_accepted[j]), result.output_ids[j, :n_out].tolist())
-        for j, b in enumerate(plain_idx):
-            outcome[b] = (0, [int(plain_next[j])])
+            accepted[b] = int(result.num_accepted[j])
+            new_ids[b] = result.output_ids[j, : int(result.num_output[j])].tolist()
+        if plain_idx:
+            nxt = self._sample_rows(out.logits[plain_idx, 0], [seqs[b] for b in plain_idx])  # [B - k]
+            for b, t in zip(plain_idx, nxt.tolist(), strict=True):
+                new_ids[b] = [t]
         events = []
         for b, s in enumerate(seqs):
-            k, new_ids = outcome[b]
-            drafted = gamma if id(s) in rows else 0
+            k = accepted[b]
+            drafted = gamma if s.slot in draft_slots else 0
             self.engine.truncate(s.slot, starts[b] + k + 1)  # keep pending + accepted drafts
             self._record(s, starts[b], out.hidden[b, : k + 1], chunks[b][: k + 1], is_prompt=False)
             s.steps += 1
             s.draft_tokens += drafted
             s.accepted_tokens += k
-            events.append(self._commit(s, new_ids, drafted, k))
+            events.append(self._commit(s, new_ids[b], drafted, k))
         return events
 
     # ---- helpers ------------------------------------------------------------------------------------------

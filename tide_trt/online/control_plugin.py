@@ -28,7 +28,7 @@ class ControllerPlugin:
         return self.controller.choose_gamma(list(request_ids))
 
     def drafting(self, request_ids: Sequence[str]) -> Collection[str] | None:
-        return self.controller.drafting(list(request_ids))
+        return self.controller.drafting(request_ids)
 
     # StepPlugin
     def before_step(self, generator: SpeculativeGenerator) -> None:

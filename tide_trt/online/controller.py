@@ -291,8 +291,8 @@ class AdaptiveController:
         uniform = len(set(gammas)) <= 1
         keep_r = 1.0 - self.config.ema_short
         tot_k = tot_t = 0
-        for rid, gamma, k_raw in zip(request_ids, gammas, num_accepted, strict=True):
-            k = min(max(int(k_raw), 0), gamma) if gamma > 0 else 0
+        for rid, g, k_raw in zip(request_ids, gammas, num_accepted, strict=True):
+            k = min(max(int(k_raw), 0), g) if g > 0 else 0
             est = self._req.get(rid)
             if est is None:
                 if len(self._req) >= _MAX_TRACKED:
@@ -301,8 +301,8 @@ class AdaptiveController:
             if est[1] > _MIN_MASS:  # decay keeps the ratio; stop before underflow
                 est[0] *= keep_r
                 est[1] *= keep_r
-            if gamma > 0:
-                trials = k + 1 if k < gamma else k
+            if g > 0:
+                trials = k + 1 if k < g else k
                 est[0] += k
                 est[1] += trials
                 tot_k += k
