@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import statistics
 import sys
 import tempfile
@@ -33,9 +32,9 @@ from tide_trt.online.signals import ShardInfo, SignalBuffer
 from tide_trt.online.store import SignalStore
 
 try:
-    from benchmarks.common import emit, machine, serving_engine
+    from benchmarks.common import emit, machine, paired_overhead_ci, serving_engine
 except ImportError:  # run as a script: benchmarks/ is on sys.path
-    from common import emit, machine, serving_engine
+    from common import emit, machine, paired_overhead_ci, serving_engine
 
 log = logging.getLogger("bench_capture_overhead")
 
@@ -167,20 +166,6 @@ def run(args: argparse.Namespace) -> dict:
         "runs": runs,
         "args": vars(args),
     }
-
-
-def paired_overhead_ci(on: list[float], off: list[float]) -> list[float] | None:
-    """95 % confidence interval of the overhead 1 − on/off from the adjacent (on, off) pairs: a t interval on
-    the mean log ratio (pairs cancel slow drifts; the log makes the ratio symmetric). None with < 3 pairs."""
-    logs = [math.log(a / b) for a, b in zip(on, off, strict=True)]
-    if len(logs) < 3:
-        return None
-    from scipy.stats import t as student_t
-
-    t95 = float(student_t.ppf(0.975, len(logs) - 1))
-    half = t95 * statistics.stdev(logs) / math.sqrt(len(logs))
-    mean = statistics.fmean(logs)
-    return [1.0 - math.exp(mean + half), 1.0 - math.exp(mean - half)]
 
 
 def table(r: dict) -> str:

@@ -8,7 +8,11 @@ concurrency:
 The worker and the server each run in their own session, so on a shared machine with scheduler
 autogrouping both engines get the same CPU share (an in-process engine inside this process would share
 the benchmark's session and be starved relative to the server). The sides alternate their order per
-round; `--repeats` rounds per concurrency, the median throughput of each side is compared.
+round; `--repeats` rounds per concurrency, the median throughput of each side is compared (the pooled
+estimate), next to the median of the per-round ratios (the paired estimate: the two sides of a round ran
+back to back, so the VM's slow speed drift cancels). Each Triton run also records the CPU seconds of
+`tritonserver` itself, of the Python-backend stub (engine + scheduler) and of the client: the server and
+client share of all CPU time is what Triton adds on a machine where they compete with the engine for cores.
 
 Floor: Triton overhead = 1 - triton_throughput / inprocess_throughput <= 10 % at every concurrency.
 
@@ -129,8 +133,39 @@ class InProcessWorker:
 
 
 # ---- one concurrency level ---------------------------------------------------------------------------
-def _level(worker: InProcessWorker, url: str, prompts: list[str], c: int, max_tokens: int, repeats: int,
-           first_round: int) -> dict[str, Any]:  # fmt: skip
+def _cpu_seconds(server_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of tritonserver, its Python-backend stub(s) and this client."""
+    import psutil
+
+    from tide_trt.serving.tritonserver import group_members
+
+    out = {"tritonserver": 0.0, "stub": 0.0, "client": 0.0}
+    for proc in group_members(server_pid):
+        try:
+            times = proc.cpu_times()
+            out["stub" if "stub" in proc.name() else "tritonserver"] += times.user + times.system
+        except psutil.Error:
+            continue
+    me = psutil.Process().cpu_times()
+    out["client"] = me.user + me.system
+    return out
+
+
+def _triton_run(url: str, server_pid: int, prompts: list[str], c: int, max_tokens: int
+                ) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
+    before = _cpu_seconds(server_pid)
+    records, wall = run_grpc(url, prompts, c, max_tokens)
+    after = _cpu_seconds(server_pid)
+    cpu = {k: after[k] - before[k] for k in before}
+    total = sum(cpu.values())
+    summary = summarize(records, wall)
+    summary["cpu_seconds"] = cpu
+    summary["server_client_cpu_share"] = (cpu["tritonserver"] + cpu["client"]) / total if total else 0.0
+    return summary, [rec.text for rec in records]
+
+
+def _level(worker: InProcessWorker, url: str, server_pid: int, prompts: list[str], c: int, max_tokens: int,
+           repeats: int, first_round: int) -> dict[str, Any]:  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {"inprocess": [], "triton": []}
     texts: dict[str, list[str]] = {}
     for r in range(repeats):
@@ -138,8 +173,7 @@ def _level(worker: InProcessWorker, url: str, prompts: list[str], c: int, max_to
         for side in ("triton", "inprocess") if triton_first else ("inprocess", "triton"):
             t0 = time.time()
             if side == "triton":
-                records, wall = run_grpc(url, prompts, c, max_tokens)
-                summary, texts[side] = summarize(records, wall), [rec.text for rec in records]
+                summary, texts[side] = _triton_run(url, server_pid, prompts, c, max_tokens)
             else:
                 summary, texts[side] = worker.run(prompts, c, max_tokens)
             summary["first"] = triton_first == (side == "triton")
@@ -147,10 +181,15 @@ def _level(worker: InProcessWorker, url: str, prompts: list[str], c: int, max_to
             log.info("c=%d %s: %.1f tok/s (%.0f s)", c, side, summary["throughput_tok_s"], time.time() - t0)
     med = {side: statistics.median(s["throughput_tok_s"] for s in rs) for side, rs in runs.items()}
     ratio = med["triton"] / max(med["inprocess"], 1e-9)
+    paired = [t["throughput_tok_s"] / max(i["throughput_tok_s"], 1e-9)
+              for t, i in zip(runs["triton"], runs["inprocess"], strict=True)]  # fmt: skip
+    share = statistics.median(t["server_client_cpu_share"] for t in runs["triton"])
     same = sum(a == b for a, b in zip(texts["triton"], texts["inprocess"], strict=True))
     return {"concurrency": c, "requests": len(prompts), "triton_tok_s": med["triton"],
             "inprocess_tok_s": med["inprocess"], "throughput_ratio": ratio, "overhead": 1.0 - ratio,
-            "pass": 1.0 - ratio <= FLOOR, "identical_texts": same, "runs": runs}  # fmt: skip
+            "pass": 1.0 - ratio <= FLOOR, "paired_ratios": paired,
+            "paired_overhead": 1.0 - statistics.median(paired), "server_client_cpu_share": share,
+            "identical_texts": same, "runs": runs}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 worker.run(prompts[:2], 2, 8)  # warm-up both sides (first-call allocations, thread pools)
                 run_grpc(server.urls.grpc, prompts[:2], 2, 8)
+                assert server.pid is not None
                 for i, c in enumerate(args.concurrency):
-                    level = _level(worker, server.urls.grpc, prompts[: levels[c]], c, args.max_tokens,
-                                   args.repeats, i)  # fmt: skip
+                    level = _level(worker, server.urls.grpc, server.pid, prompts[: levels[c]], c,
+                                   args.max_tokens, args.repeats, i)  # fmt: skip
                     report["levels"].append(level)
             finally:
                 worker.close()
@@ -196,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     keys = ("concurrency", "triton_tok_s", "inprocess_tok_s", "throughput_ratio", "overhead", "pass",
-            "identical_texts")  # fmt: skip
+            "paired_overhead", "server_client_cpu_share", "identical_texts")  # fmt: skip
     levels_out = [{k: lv[k] for k in keys} for lv in report["levels"]]
     print(json.dumps({"out": args.out, "all_pass": report["all_pass"], "levels": levels_out}, indent=2))
     return 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -138,3 +140,17 @@ def merge_runs(runs: list[dict]) -> dict:
             gammas[g] = gammas.get(g, 0) + n
     totals = {k: sum(r.get(k, 0) for r in runs) for k in _SUMMED}
     return {**_run_summary(**totals, gammas=gammas), "repeats_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+
+
+def paired_overhead_ci(on: list[float], off: list[float]) -> list[float] | None:
+    """95 % confidence interval of the overhead 1 − on/off from the adjacent (on, off) pairs: a t interval on
+    the mean log ratio (pairs cancel slow drifts; the log makes the ratio symmetric). None with < 3 pairs."""
+    logs = [math.log(a / b) for a, b in zip(on, off, strict=True)]
+    if len(logs) < 3:
+        return None
+    from scipy.stats import t as student_t
+
+    t95 = float(student_t.ppf(0.975, len(logs) - 1))
+    half = t95 * statistics.stdev(logs) / math.sqrt(len(logs))
+    mean = statistics.fmean(logs)
+    return [1.0 - math.exp(mean + half), 1.0 - math.exp(mean - half)]
