@@ -130,8 +130,7 @@ class TorchTargetEngine(TargetEngine):
         index = None
         if logits == "last":
             index = torch.tensor([[n - 1] for n in counts], dtype=torch.long, device=dev)  # [B, 1]
-        out_logits, hidden, _ = self.model.forward(self.cache, slot_t, tok, starts, self.capture_layers, index,
-                                                   counts)
+        out_logits, hidden = self.model.forward(self.cache, slot_t, tok, starts, self.capture_layers, index, counts)
         for s, n in zip(slots, counts, strict=False):
             self._lengths[s] += n
         return ForwardOutput(out_logits, hidden)

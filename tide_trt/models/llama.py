@@ -183,15 +183,15 @@ class LlamaModel:
         capture_layers: tuple[int, ...],
         logit_index: torch.Tensor | None,
         counts: list[int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run T new tokens per sequence.
 
         slots [B] int64, tokens [B, T] int64, starts [B] int64 (cache length before this call).
         logit_index: None -> logits for all T positions; else [B, K] positions to compute logits at.
         counts: real tokens per row (the rest of the row is padding); ragged batches run their matmuls on the
         real rows only (a verification step where few rows draft, a prefill of prompts of unequal length).
-        Returns (logits [B, K or T, V] float32, captured [B, T, len(capture_layers), H], final_hidden [B, T, H]);
-        padded positions hold zeros or garbage.
+        Returns (logits [B, K or T, V] float32, captured [B, T, len(capture_layers), H]); padded positions hold
+        zeros or garbage.
         """
         a = self.arch
         bsz, t = tokens.shape
@@ -228,11 +228,14 @@ class LlamaModel:
         captured = unpack_rows(torch.stack([states[c] for c in capture_layers], dim=-2), rows, bsz, t)
         if logit_index is None:
             logits = unpack_rows(linear(final.float(), self.w.lm_head), rows, bsz, t)  # [B, T, V] float32
-            return logits, captured, unpack_rows(final, rows, bsz, t)
-        final = unpack_rows(final, rows, bsz, t)
-        sel = torch.gather(final, 1, logit_index[:, :, None].expand(-1, -1, final.shape[-1]))
+            return logits, captured
+        if rows is None:
+            sel = torch.gather(final, 1, logit_index[:, :, None].expand(-1, -1, final.shape[-1]))  # [B, K, H]
+        else:  # the selected positions are real tokens: find them among the packed rows
+            flat = torch.arange(bsz, device=rows.device)[:, None] * t + logit_index  # [B, K]
+            sel = final[torch.searchsorted(rows, flat)]  # [B, K, H]
         logits = linear(sel.float(), self.w.lm_head)  # [B, K, V] float32
-        return logits, captured, final
+        return logits, captured
 
 
 PACK_MIN_PADDING = 0.125  # pack a ragged batch when at least this fraction of its [B, T] positions is padding
