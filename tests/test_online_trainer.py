@@ -29,9 +29,9 @@ from tide_trt.online.drift import DriftDetector
 from tide_trt.online.refit import RefitWatcher
 from tide_trt.online.signals import ShardInfo, SignalBuffer, read_shard
 from tide_trt.online.store import DraftStore, SignalStore
-from tide_trt.online.trainer import OnlineTrainer, chain_counts, gate_baseline, make_chunks, ttt_loss_any_device
+from tide_trt.online.trainer import OnlineTrainer, chain_counts, gate_baseline, make_chunks
 from tide_trt.training.offline import new_head
-from tide_trt.training.ttt import collate, simulated_acceptance, ttt_loss
+from tide_trt.training.ttt import collate, simulated_acceptance
 from tide_trt.training.vocab import t2d_from_d2t
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -104,7 +104,6 @@ def test_losses_and_evaluation_match_the_training_module(tiny) -> None:
     t2d = t2d_from_d2t(head.d2t, 96)
     batch = collate(make_chunks(seqs, 64, train_on_prompt=True))
     batch.hidden = batch.hidden.float()
-    torch.testing.assert_close(ttt_loss_any_device(head, batch, t2d, 3), ttt_loss(head, batch, t2d, 3)[0])
     acc, trials, chains = chain_counts(head, batch, t2d, 3)
     ref = simulated_acceptance(head, batch, t2d, 3)
     # a target token outside the draft vocabulary is a miss at serving time: chain_counts keeps those chains

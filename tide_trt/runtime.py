@@ -17,17 +17,30 @@ from tide_trt.spec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DRAFT_DIR = Path(__file__).parent / "assets" / "default_draft"
+SHIPPED_DRAFTS_DIR = Path(__file__).parent / "assets" / "drafts"  # one directory per named, released draft
+DEFAULT_DRAFT = "v3"  # the shipped draft that `draft.path: default` serves
+DEFAULT_DRAFT_DIR = SHIPPED_DRAFTS_DIR / DEFAULT_DRAFT
 GAMMA_MIN, GAMMA_MAX = 1, 8
 
 
+def shipped_drafts() -> dict[str, Path]:
+    """Released drafts by name (`tide_trt/assets/drafts/<name>`), e.g. {"v3": ..., "v4": ...}."""
+    if not SHIPPED_DRAFTS_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(SHIPPED_DRAFTS_DIR.iterdir()) if (p / "model.safetensors").is_file()}
+
+
 def resolve_draft_path(path: str) -> Path | None:
+    """"none"/"" -> no draft; "default" -> the default shipped draft; an existing directory -> itself; the name of
+    a shipped draft ("v3") -> its directory; anything else is returned as a path (loading reports it missing)."""
     if path in ("", "none"):
         return None
     if path == "default":
         if not (DEFAULT_DRAFT_DIR / "model.safetensors").is_file():
             raise TideError(f"the default draft is not installed at {DEFAULT_DRAFT_DIR}")
         return DEFAULT_DRAFT_DIR
+    if not Path(path).exists() and path in shipped_drafts():
+        return shipped_drafts()[path]
     return Path(path)
 
 

@@ -1,4 +1,5 @@
-"""`tide drafts ls` (versions, sizes, acceptance history); `tide drafts use VERSION|latest` (pin, unpin)."""
+"""`tide drafts ls` (shipped drafts; the store's versions, sizes, acceptance history);
+`tide drafts use VERSION|latest` (pin, unpin)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,28 @@ def _fmt(x: object) -> str:
     return f"{x:.3f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "-"
 
 
+def shipped_rows() -> list[dict]:
+    """The released drafts in the package (name, default or not, size, held-out τ at γ = 3, training data)."""
+    from tide_trt.draft.checkpoint import read_draft_config
+    from tide_trt.online.store import dir_bytes
+    from tide_trt.runtime import DEFAULT_DRAFT, shipped_drafts
+
+    rows = []
+    for name, path in shipped_drafts().items():
+        _, manifest = read_draft_config(path)
+        held = manifest.get("heldout_acceptance", {}).get("3", {})
+        data = manifest.get("data", {})
+        rows.append({"name": name, "default": name == DEFAULT_DRAFT, "path": str(path), "bytes": dir_bytes(path),
+                     "heldout_tau_gamma3": held.get("tau"),
+                     "train_positions": data.get("train_positions", data.get("train_tokens")),
+                     "command": manifest.get("command")})
+    return rows
+
+
 def run_ls(args: argparse.Namespace) -> int:
     from tide_trt.online.store import dir_bytes, read_jsonl
+
+    shipped = shipped_rows()
 
     store = _store(args)
     live = set(store.versions())
@@ -71,12 +92,19 @@ def run_ls(args: argparse.Namespace) -> int:
                     "latest": latest,
                     "versions": rows,
                     "rounds": summary,
+                    "shipped": shipped,
                 },
                 indent=2,
                 default=str,
             )
         )
         return 0
+    print("shipped drafts (draft.path: <name>; 'default' serves the one marked):")
+    print(f"{'name':>7} {'size':>9} {'held-out τ(γ=3)':>16} {'trained on':>11}  default")
+    for r in shipped:
+        tokens = f"{r['train_positions'] / 1e6:.2f}M" if r["train_positions"] else "-"
+        print(f"{r['name']:>7} {r['bytes'] / 1e6:>6.2f} MB {_fmt(r['heldout_tau_gamma3']):>16} {tokens:>11}  "
+              f"{'yes' if r['default'] else ''}")
     print(f"draft store {store.root}: current {cur} ({'pinned' if pin is not None else 'latest'})")
     print(
         f"{'version':>7} {'parent':>6} {'size':>9} {'eval acc':>8} {'served':>7} {'gain':>7} "

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tide_trt.commands.common import add_config_args, config_from_args
+from tide_trt.commands.train_draft_corpus import add_corpus_args, run_corpus
 from tide_trt.errors import TideError
 
 log = logging.getLogger(__name__)
@@ -20,10 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-draft", help="train an EAGLE-3 draft offline from a workload")
     add_config_args(p)
     p.add_argument("--workload", choices=["sharegpt", "humaneval"], default="sharegpt")
-    p.add_argument("--data", choices=["regenerate", "text", "cached"], default="regenerate",
+    p.add_argument("--data", choices=["regenerate", "text", "cached", "corpus"], default="regenerate",
                    help="regenerate: the target answers the workload's prompts and the draft learns its own "
                         "outputs (self-distillation, states captured while generating); text: target prefill over "
-                        "the workload's conversation text (recompute path)")
+                        "the workload's conversation text (recompute path); corpus: target prefill over "
+                        "a token corpus of prompt + answer sequences (--corpus), resumable")
     p.add_argument("--max-new-tokens", type=int, default=256, help="response length for --data regenerate")
     p.add_argument("--gen-batch", type=int, default=32, help="concurrent sequences for --data regenerate")
     p.add_argument("--num-conversations", type=int, default=400)
@@ -46,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="more cached training states to train on (a .safetensors file or a chunk directory), "
                         "e.g. the --data text cache next to a regenerate one")
     p.add_argument("--out", required=True, help="output checkpoint directory")
+    add_corpus_args(p)
     p.set_defaults(func=run)
 
 
@@ -74,7 +77,7 @@ def _prompt_ids(tokenizer, conv, max_len: int) -> list[int]:
     return ids if len(ids) <= max_len else []
 
 
-def _command_line() -> str:
+def command_line() -> str:
     return "tide " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("tide") else shlex.join(sys.argv)
 
 
@@ -96,7 +99,7 @@ def _collect_examples(args: argparse.Namespace, engine) -> tuple[list, list[dict
         if cache is None:
             raise TideError("--data cached needs --examples-cache (a .safetensors file or a chunk directory)")
         return load_cached_examples(str(cache)), [{"path": str(cache), **cached_examples_metadata(str(cache))}]
-    meta = {"command": _command_line(), "source": args.data, "workload": args.workload, "max_len": str(args.max_len),
+    meta = {"command": command_line(), "source": args.data, "workload": args.workload, "max_len": str(args.max_len),
             "max_new_tokens": str(args.max_new_tokens), "model": engine.info.fingerprint,
             "engine": f"{engine.info.dtype} weights, native_linears={engine.info.native_linears}"}
     convs = _workload_conversations(args.workload, args.num_conversations, args.seed)
@@ -123,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     from tide_trt.training.data import cached_examples_metadata, load_cached_examples
     from tide_trt.training.offline import TrainSettings, build_vocab_and_head, evaluate_head, train_head
 
+    if args.data == "corpus":
+        return run_corpus(args)
     if args.num_conversations < 2 or not 0 < args.eval_fraction < 0.5:
         raise TideError("need --num-conversations >= 2 and 0 < --eval-fraction < 0.5")
     cfg = config_from_args(args)
@@ -163,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = {
         "version": 0, "parent": args.init, "parent_manifest_command": parent.get("command") if args.init else None,
         "trained_by": "tide train-draft (offline, recompute path)",
-        "command": _command_line(),
+        "command": command_line(),
         "data": {"workload": args.workload, "source": args.data, "sequences": len(examples), "sources": sources,
                  "max_len": args.max_len, "max_new_tokens": args.max_new_tokens,
                  "train_tokens": history["train_tokens"], "heldout_sequences": n_eval, "seed": args.seed},

@@ -153,6 +153,17 @@ class LlamaWeights:
                 "down": get(p + "mlp.down_proj.weight"),  # [H, I]
             })
 
+    LINEAR_NAMES = ("qkv", "o", "gate_up", "down")
+
+    def upcast_linears(self) -> None:
+        """Replace bf16 linear weights (LM head included) by float32 copies of the same values, for bulk prefill:
+        the products are those of the native kernel (bf16 values, float32 accumulation) computed by PyTorch's
+        throughput GEMM, 3x faster for long prompts but not batch-invariant, so never for serving."""
+        self.lm_head = self.lm_head.float()
+        for layer in self.layers:
+            for name in self.LINEAR_NAMES:
+                layer[name] = layer[name].float()
+
     def parameters(self) -> list[torch.Tensor]:
         out = [self.embed, self.norm, self.lm_head]
         for layer in self.layers:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tide_trt.config import TideConfig, TrainerConfig
 from tide_trt.draft.checkpoint import load_draft, read_draft_config, save_draft
@@ -74,26 +73,6 @@ def _shifted(batch: Batch, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 def _to(batch: Batch, device: str) -> Batch:
     return Batch(batch.hidden.to(device).float(), batch.tokens.to(device), batch.labels.to(device),
                  batch.lengths.to(device))
-
-
-def ttt_loss_any_device(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, steps: int) -> torch.Tensor:
-    """`ttt_loss`'s formula with every index tensor on the batch's device (ttt_loss builds CPU ones)."""
-    next_tokens, labels, _ = _shifted(batch, t2d)
-    total = torch.zeros((), device=batch.hidden.device)
-    for j, logits in enumerate(head.ttt_forward(batch.hidden, next_tokens, steps)):
-        lab = labels.clone()
-        lab[:, :j] = -1  # rows q < j have no valid chain
-        mask = lab >= 0
-        if bool(mask.any()):
-            total = total + (0.8**j) * F.cross_entropy(logits[mask], lab[mask])
-    return total
-
-
-def round_loss(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, steps: int) -> torch.Tensor:
-    """The TTT loss: `ttt_loss` itself on CPU, its device-safe twin elsewhere (equal on CPU, tested)."""
-    if batch.hidden.device.type == "cpu":
-        return ttt_loss(head, batch, t2d, steps)[0]
-    return ttt_loss_any_device(head, batch, t2d, steps)
 
 
 @torch.no_grad()
@@ -162,7 +141,7 @@ def fit(head: Eagle3Head, chunks: list[Chunk], t2d: torch.Tensor, tc: TrainerCon
         batch = _to(collate([chunks[i] for i in order[: tc.batch_size]]), tc.device)
         del order[: tc.batch_size]
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=use_autocast):
-            loss = round_loss(head, batch, t2d, tc.ttt_steps)
+            loss = ttt_loss(head, batch, t2d, tc.ttt_steps)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,0 +1,213 @@
+"""On-disk cache of the target's capture states over a token corpus, written shard by shard (resumable).
+
+Prefill (the recompute path) is the slow half of training from a corpus, so its output is kept on disk and reused
+across epochs and runs: RAM holds one batch while prefilling and a bounded pool of shards while training.
+
+A cache directory holds `cache.json` (what was prefilled: corpus fingerprint, target fingerprint, engine
+numerics, sequence selection, sequences per shard) and `shard_{i:05d}.safetensors` files. A shard is written to a
+temporary name and renamed, so it is either complete or absent; a rerun skips the shards that exist and checks
+they hold the expected sequences. Shard tensors:
+
+| name | dtype | shape | what |
+|---|---|---|---|
+| `hidden_states` | bfloat16 (store dtype) | [N, C, H] | capture-layer states of every position |
+| `token_ids` | int32 | [N] | the token at each position |
+| `labels` | int32 | [N] | the target's greedy prediction after each position (its own label, not the corpus's) |
+| `seq_offsets` | int64 | [S + 1] | sequence s is rows `seq_offsets[s]:seq_offsets[s+1]` |
+| `prompt_lens` | int32 | [S] | leading prompt positions of each sequence |
+
+The safetensors header carries the sequence keys (JSON list) so a shard can be matched to the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from tide_trt.engine.base import TargetEngine
+from tide_trt.errors import TideError
+from tide_trt.training.corpus import CorpusSequence
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "cache.json"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    index: int
+    sequences: tuple[CorpusSequence, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.tokens) for s in self.sequences)
+
+    @property
+    def keys(self) -> list[str]:
+        return [s.key for s in self.sequences]
+
+
+def plan_shards(sequences: list[CorpusSequence], shard_sequences: int) -> list[ShardPlan]:
+    """Consecutive groups of `shard_sequences` sequences. Prefix-stable: asking for more sequences later keeps
+    every full shard's contents, so a cache grows by shards."""
+    return [ShardPlan(i // shard_sequences, tuple(sequences[i:i + shard_sequences]))
+            for i in range(0, len(sequences), shard_sequences)]
+
+
+def shard_path(root: Path, index: int) -> Path:
+    return root / f"shard_{index:05d}.safetensors"
+
+
+def shard_keys(path: Path) -> list[str]:
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("keys", "[]"))
+
+
+def check_cache_identity(root: Path, identity: dict) -> None:
+    """Create `cache.json`, or refuse a directory that was filled with other data or another target."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / CACHE_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        if diff:
+            raise TideError(f"{root} caches other states (differs in {diff}); use another cache directory")
+    else:
+        path.write_text(json.dumps(identity, indent=2, sort_keys=True))
+
+
+@torch.inference_mode()
+def prefill_batch(engine: TargetEngine, seqs: list[CorpusSequence], store_dtype: torch.dtype
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One target forward over a few sequences -> per sequence (hidden [T, C, H] on CPU, labels [T] int32)."""
+    slots = [engine.allocate_slot() for _ in seqs]
+    try:
+        out = engine.forward(slots, [s.tokens.tolist() for s in seqs], logits="all")  # logits [B, T, V]
+        preds = out.logits.argmax(-1).to("cpu", torch.int32)  # [B, T]
+        hidden = out.hidden.to("cpu", store_dtype)  # [B, T, C, H]
+        return [(hidden[b, :len(s.tokens)].clone(), preds[b, :len(s.tokens)].clone()) for b, s in enumerate(seqs)]
+    finally:
+        for slot in slots:
+            engine.free_slot(slot)
+
+
+def prefill_shard(engine: TargetEngine, plan: ShardPlan, path: Path, batch_tokens: int,
+                  store_dtype: torch.dtype = torch.bfloat16, bar: tqdm | None = None) -> None:
+    """Prefill one shard's sequences (similar lengths batched together, at most `batch_tokens` padded positions
+    and `max_batch_size` sequences per forward) and write the shard atomically."""
+    order = sorted(range(len(plan.sequences)), key=lambda i: len(plan.sequences[i].tokens))
+    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    max_b = engine.info.max_batch_size
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while (j < len(order) and j - i < max_b
+               and (j + 1 - i) * len(plan.sequences[order[j]].tokens) <= batch_tokens):
+            j += 1
+        idx = order[i:j]
+        for k, r in zip(idx, prefill_batch(engine, [plan.sequences[k] for k in idx], store_dtype), strict=True):
+            results[k] = r
+        if bar is not None:
+            bar.update(sum(len(plan.sequences[k].tokens) for k in idx))
+        i = j
+    offsets = [0]
+    for s in plan.sequences:
+        offsets.append(offsets[-1] + len(s.tokens))
+    tensors = {
+        "hidden_states": torch.cat([results[k][0] for k in range(len(plan.sequences))]).contiguous(),  # [N, C, H]
+        "token_ids": torch.from_numpy(np.concatenate([s.tokens for s in plan.sequences])).to(torch.int32),  # [N]
+        "labels": torch.cat([results[k][1] for k in range(len(plan.sequences))]),  # [N]
+        "seq_offsets": torch.tensor(offsets, dtype=torch.long),  # [S + 1]
+        "prompt_lens": torch.tensor([s.num_prompt for s in plan.sequences], dtype=torch.int32),  # [S]
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"keys": json.dumps(plan.keys)})
+    tmp.replace(path)
+
+
+def build_state_cache(engine: TargetEngine, sequences: list[CorpusSequence], cache_dir: str | Path,
+                      identity: dict, shard_sequences: int = 256, batch_tokens: int = 4096,
+                      progress: bool = True) -> list[Path]:
+    """Prefill every shard that is not on disk yet; returns all shard paths in order. Stop any time (Ctrl-C, a
+    session's end): the next call continues with the first missing shard."""
+    root = Path(cache_dir)
+    check_cache_identity(root, identity)
+    plans = plan_shards(sequences, shard_sequences)
+    todo = []
+    for plan in plans:
+        path = shard_path(root, plan.index)
+        if path.is_file():
+            keys = shard_keys(path)
+            if keys == plan.keys:
+                continue
+            if len(keys) < len(plan.keys) and keys == plan.keys[:len(keys)]:
+                log.info("%s was the partial last shard of a smaller run: prefilling it whole", path)
+            else:
+                raise TideError(f"{path} holds other sequences than this run plans; use another cache directory")
+        todo.append(plan)
+    total = sum(p.num_tokens for p in plans)
+    missing = sum(p.num_tokens for p in todo)
+    log.info("state cache %s: %d shards, %d tokens; %d shards (%d tokens) to prefill", root, len(plans), total,
+             len(todo), missing)
+    if todo:
+        t0 = time.perf_counter()
+        with tqdm(total=missing, unit="tok", unit_scale=True, desc="target prefill", disable=not progress,
+                  smoothing=0.05) as bar:
+            for plan in todo:
+                prefill_shard(engine, plan, shard_path(root, plan.index), batch_tokens, bar=bar)
+        dt = time.perf_counter() - t0
+        log.info("prefilled %d tokens in %.0f s (%.0f tok/s)", missing, dt, missing / max(dt, 1e-9))
+    return [shard_path(root, p.index) for p in plans]
+
+
+@dataclass
+class ShardData:
+    hidden: torch.Tensor  # [N, C, H]
+    token_ids: torch.Tensor  # [N] int64
+    labels: torch.Tensor  # [N] int64
+    seq_offsets: list[int]  # [S + 1]
+    prompt_lens: list[int]  # [S]
+
+    def sequences(self) -> Iterator[tuple[int, int, int]]:
+        """(start row, end row, prompt length) of each sequence."""
+        for s in range(len(self.prompt_lens)):
+            yield self.seq_offsets[s], self.seq_offsets[s + 1], self.prompt_lens[s]
+
+
+def load_shard(path: str | Path) -> ShardData:
+    with safe_open(str(path), "pt") as f:
+        return ShardData(
+            hidden=f.get_tensor("hidden_states"),
+            token_ids=f.get_tensor("token_ids").long(),
+            labels=f.get_tensor("labels").long(),
+            seq_offsets=f.get_tensor("seq_offsets").tolist(),
+            prompt_lens=f.get_tensor("prompt_lens").tolist(),
+        )
+
+
+def shard_label_counts(paths: list[Path], vocab_size: int, answer_only: bool = True) -> torch.Tensor:
+    """Counts [V] of the target's labels over answer positions (plus each prompt's last position) of the shards,
+    reading only the small tensors."""
+    counts = torch.zeros(vocab_size)
+    for path in paths:
+        with safe_open(str(path), "pt") as f:
+            labels = f.get_tensor("labels").long()
+            if answer_only:
+                off = f.get_tensor("seq_offsets").tolist()
+                plen = f.get_tensor("prompt_lens").tolist()
+                keep = torch.zeros(labels.numel(), dtype=torch.bool)
+                for s, p in enumerate(plen):
+                    keep[off[s] + max(p - 1, 0):off[s + 1]] = True
+                labels = labels[keep]
+        counts += torch.bincount(labels, minlength=vocab_size).float()
+    return counts
