@@ -1,9 +1,11 @@
-"""Issue 2 benchmark: HF transformers generate vs our engine (plain) vs our engine + static EAGLE-3 draft.
+"""HF transformers generate vs our engine (plain) vs our engine + each static EAGLE-3 draft asked for.
 
-Same prompts (ShareGPT first user turns, chat template), greedy, fixed new-token budget, one process, side by
-side. Throughput = output tokens / wall seconds of the generation loop (model loading excluded).
+Same prompts (ShareGPT eval-split first user turns — all, or the non-English ones — or HumanEval; chat template),
+greedy, fixed new-token budget, one process, side by side. Throughput = output tokens / wall seconds of the
+generation loop (model loading excluded); τ = decode tokens per verification step.
 
-    tide bench bench_engine --prompts 32 --max-new-tokens 128 --batch-sizes 1 8 --out runs/bench_engine.json
+    tide bench bench_engine --prompts 32 --max-new-tokens 128 --batch-sizes 1 8 --drafts v3 default \
+        --out runs/bench_engine.json
 """
 
 from __future__ import annotations
@@ -61,16 +63,17 @@ def _ours_chunk(gen, chunk: list[list[int]], max_new: int, gamma: int, tag: str)
     return sum(len(s.output_ids) for s in res.sequences), res.seconds, sum(s.steps for s in res.sequences)
 
 
-def run_batch_size(engine, drafter, hf_model, prompts: list[list[int]], max_new: int, bs: int, gamma: int) -> dict:
+def run_batch_size(engine, drafters: dict, hf_model, prompts: list[list[int]], max_new: int, bs: int,
+                   gamma: int) -> dict:
     """The systems take turns on each chunk of `bs` prompts (rotating who goes first), so slow drifts of a
     shared machine hit all of them alike."""
     from tide_trt.engine.generator import SpeculativeGenerator
 
     eos = engine.info.eos_token_ids[0]
-    systems = {
-        "ours_ar": lambda c, i: _ours_chunk(SpeculativeGenerator(engine), c, max_new, 0, f"ar{i}"),
-        "ours_spec": lambda c, i: _ours_chunk(SpeculativeGenerator(engine, drafter), c, max_new, gamma, f"sp{i}"),
-    }
+    systems = {"ours_ar": lambda c, i: _ours_chunk(SpeculativeGenerator(engine), c, max_new, 0, f"ar{i}")}
+    for name, drafter in drafters.items():
+        systems[f"ours_spec[{name}]"] = lambda c, i, d=drafter, n=name: _ours_chunk(
+            SpeculativeGenerator(engine, d), c, max_new, gamma, f"sp{n}{i}")
     if hf_model is not None:
         systems["hf_generate_fp32"] = lambda c, i: _hf_chunk(hf_model, c, max_new, eos, eos)
     tallies = {name: Tally() for name in systems}
@@ -84,7 +87,8 @@ def run_batch_size(engine, drafter, hf_model, prompts: list[list[int]], max_new:
     row = {name: t.summary() for name, t in tallies.items()}
     if hf_model is not None:
         row["ratio_ar_vs_hf"] = row["ours_ar"]["tokens_per_s"] / row["hf_generate_fp32"]["tokens_per_s"]
-    row["ratio_spec_vs_ar"] = row["ours_spec"]["tokens_per_s"] / row["ours_ar"]["tokens_per_s"]
+    for name in drafters:
+        row[f"ratio_spec_vs_ar[{name}]"] = row[f"ours_spec[{name}]"]["tokens_per_s"] / row["ours_ar"]["tokens_per_s"]
     return row
 
 
@@ -95,7 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--draft", default="default")
+    p.add_argument("--drafts", nargs="+", default=["default"],
+                   help="drafts to compare: shipped names (v3, v4, default) or checkpoint directories")
+    p.add_argument("--workload", choices=["sharegpt", "sharegpt-non-english", "humaneval"], default="sharegpt")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tide_trt.config import EngineConfig, ModelConfig
     from tide_trt.engine.torch_engine import TorchTargetEngine
     from tide_trt.runtime import build_drafter, encode_prompt, resolve_draft_path
-    from tide_trt.workloads import sharegpt_prompts
+    from tide_trt.workloads import humaneval_prompts, sharegpt_prompts
 
     engine = TorchTargetEngine.from_config(
         ModelConfig(),
@@ -111,9 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
             dtype=args.dtype, max_batch_size=max(args.batch_sizes), max_seq_len=512 + args.max_new_tokens + 16
         ),
     )
-    drafter = build_drafter(engine, resolve_draft_path(args.draft))
-    tok = engine.tokenizer
-    prompts = [encode_prompt(tok, t)[-512:] for t in sharegpt_prompts(args.prompts, seed=1234)]
+    drafters = {name: build_drafter(engine, resolve_draft_path(name)) for name in args.drafts}
+    if args.workload == "humaneval":
+        texts = humaneval_prompts(args.prompts)
+    else:
+        texts = sharegpt_prompts(args.prompts, seed=1234,
+                                 language="non-english" if args.workload == "sharegpt-non-english" else "any")
+    prompts = [encode_prompt(engine.tokenizer, t)[-512:] for t in texts]
     result = {
         "benchmark": "engine",
         "machine": machine(),
@@ -124,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "gamma": args.gamma,
-        "draft": str(resolve_draft_path(args.draft)),
+        "workload": args.workload,
+        "drafts": {name: str(resolve_draft_path(name)) for name in args.drafts},
         "runs": {},
     }
     hf_model = None
@@ -133,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         hf_model = AutoModelForCausalLM.from_pretrained(str(engine.checkpoint_dir), dtype=torch.float32).eval()
     for bs in args.batch_sizes:
-        result["runs"][f"bs{bs}"] = run_batch_size(engine, drafter, hf_model, prompts, args.max_new_tokens, bs,
+        result["runs"][f"bs{bs}"] = run_batch_size(engine, drafters, hf_model, prompts, args.max_new_tokens, bs,
                                                    args.gamma)
     write_json(result, args.out)
     return result

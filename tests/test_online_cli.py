@@ -110,6 +110,22 @@ def test_drafts_ls_and_use(stores, capsys) -> None:
     assert store.pinned() is None
 
 
+def test_shipped_drafts_are_listed_and_served_by_name(tmp_path, capsys) -> None:
+    from tide_trt.runtime import DEFAULT_DRAFT, DEFAULT_DRAFT_DIR, resolve_draft_path, shipped_drafts
+
+    shipped = shipped_drafts()
+    assert "v3" in shipped and DEFAULT_DRAFT in shipped  # v3 stays reachable by name next to the default
+    assert resolve_draft_path("v3") == shipped["v3"] and resolve_draft_path("default") == DEFAULT_DRAFT_DIR
+    assert resolve_draft_path("none") is None
+    assert main(["drafts", "ls", "--drafts", str(tmp_path / "store"), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["shipped"]}
+    assert set(rows) == set(shipped) and [n for n, r in rows.items() if r["default"]] == [DEFAULT_DRAFT]
+    assert all(r["bytes"] <= 25e6 and r["heldout_tau_gamma3"] > 1.0 for r in rows.values())
+    assert main(["drafts", "ls", "--drafts", str(tmp_path / "store")]) == 0
+    table = capsys.readouterr().out
+    assert all(f"{name} " in table for name in shipped)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -129,18 +129,35 @@ def load_sharegpt(limit: int | None = None, seed: int | None = None, split: str 
     return conversations if limit is None else conversations[:limit]
 
 
-def sharegpt_prompts(n: int, seed: int = 0, max_chars: int = MAX_PROMPT_CHARS, split: str = "eval") -> list[str]:
+def is_non_english(text: str, min_share: float = 0.3) -> bool:
+    """At least `min_share` of the letters are outside ASCII (CJK, Cyrillic, accented scripts): a language
+    shift from the mostly English traffic drafts are trained on."""
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum(not c.isascii() for c in letters) >= min_share * len(letters)
+
+
+LANGUAGES = ("any", "english", "non-english")
+
+
+def sharegpt_prompts(n: int, seed: int = 0, max_chars: int = MAX_PROMPT_CHARS, split: str = "eval",
+                     language: str = "any") -> list[str]:
     """First user turn of ``n`` conversations (deterministic sample from ``split``; empty or over-long ones
-    skipped). Defaults to the eval split, which no shipped draft was trained on."""
+    skipped; ``language`` "english"/"non-english" by `is_non_english`). Defaults to the eval split, which no
+    shipped draft was trained on."""
+    if language not in LANGUAGES:
+        raise TideError(f"unknown language filter {language!r} ({' | '.join(LANGUAGES)})")
     prompts = []
     for conv in load_sharegpt(seed=seed, split=split):
         text = conv.first_user_text()
+        if language != "any" and is_non_english(text) != (language == "non-english"):
+            continue
         if text.strip() and len(text) <= max_chars:
             prompts.append(text)
             if len(prompts) == n:
                 return prompts
     raise TideError(
-        f"ShareGPT ({split} split) has only {len(prompts)} prompts of at most {max_chars} characters, asked for {n}"
+        f"ShareGPT ({split} split, language {language}) has only {len(prompts)} prompts of at most {max_chars} "
+        f"characters, asked for {n}"
     )
 
 

@@ -64,19 +64,32 @@ class Position:
     tokens: int = 0  # positions trained on
 
 
+def masked_labels(labels: torch.Tensor, prompt_len: int, train_on_prompt: bool) -> torch.Tensor:
+    """A sequence's labels [T] with prompt positions before the last one set to -1 unless `train_on_prompt`
+    (the draft never drafts inside a prompt)."""
+    out = labels.clone()
+    if not train_on_prompt:
+        out[:max(prompt_len - 1, 0)] = -1
+    return out
+
+
+def chunk_spans(labels: list[int], chunk_len: int) -> list[tuple[int, int]]:
+    """(start, end) of each training chunk of a sequence: at least 8 positions and a label to learn."""
+    spans = []
+    for s in range(0, len(labels), chunk_len):
+        e = min(len(labels), s + chunk_len)
+        if e - s >= 8 and any(x >= 0 for x in labels[s + 1:e]):
+            spans.append((s, e))
+    return spans
+
+
 def shard_chunks(shard: ShardData, chunk_len: int, train_on_prompt: bool) -> list[Chunk]:
-    """Cut each sequence of a shard into chunks; prompt labels before the last prompt position become -1 unless
-    `train_on_prompt` (the draft never drafts inside a prompt)."""
+    """Cut each sequence of a shard into chunks (see `masked_labels`, `chunk_spans`)."""
     out: list[Chunk] = []
     for a, b, plen in shard.sequences():
-        labels = shard.labels[a:b].clone()
-        if not train_on_prompt:
-            labels[:max(plen - 1, 0)] = -1
-        tok, lab = shard.token_ids[a:b].tolist(), labels.tolist()
-        for s in range(0, b - a, chunk_len):
-            e = min(b - a, s + chunk_len)
-            if e - s >= 8 and any(x >= 0 for x in lab[s + 1:e]):
-                out.append((shard.hidden[a + s:a + e], tok[s:e], lab[s:e]))
+        lab = masked_labels(shard.labels[a:b], plen, train_on_prompt).tolist()
+        tok = shard.token_ids[a:b].tolist()
+        out.extend((shard.hidden[a + s:a + e], tok[s:e], lab[s:e]) for s, e in chunk_spans(lab, chunk_len))
     return out
 
 
@@ -99,15 +112,19 @@ def pool_batches(shards: list[Path], pool: list[int], s: CorpusTrainSettings, ep
     return [[chunks[i] for i in perm[k:k + s.batch_size]] for k in range(0, len(perm), s.batch_size)]
 
 
-def count_positions(shards: list[Path], chunk_len: int) -> tuple[int, int]:
-    """(chunks, positions) over the shards, from the small tensors only (for the step budget and the ETA)."""
+def count_positions(shards: list[Path], chunk_len: int, train_on_prompt: bool) -> tuple[int, int]:
+    """(chunks, positions in them) per epoch, exactly as `shard_chunks` cuts them, from the small tensors only
+    (for the step budget and the progress bar's ETA)."""
     chunks = positions = 0
     for path in shards:
         with safe_open(str(path), "pt") as f:
             off = f.get_tensor("seq_offsets").tolist()
-        for a, b in zip(off[:-1], off[1:], strict=True):
-            chunks += sum(1 for s in range(0, b - a, chunk_len) if min(b - a, s + chunk_len) - s >= 8)
-            positions += b - a
+            plen = f.get_tensor("prompt_lens").tolist()
+            labels = f.get_tensor("labels")
+        for a, b, p in zip(off[:-1], off[1:], plen, strict=True):
+            spans = chunk_spans(masked_labels(labels[a:b], p, train_on_prompt).tolist(), chunk_len)
+            chunks += len(spans)
+            positions += sum(e - s for s, e in spans)
     return chunks, positions
 
 
@@ -162,7 +179,7 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
     t2d = t2d.to(device)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95))
-    n_chunks, n_positions = count_positions(shards, s.chunk_len)
+    n_chunks, n_positions = count_positions(shards, s.chunk_len, s.train_on_prompt)
     total_steps = max(1, math.ceil(n_chunks * s.epochs / s.batch_size))
     identity = {"settings": {k: v for k, v in asdict(s).items() if k not in ("checkpoint_minutes", "device")},
                 "shards": [str(p) for p in shards], "total_steps": total_steps, **meta}
@@ -182,8 +199,8 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
     start_step = pos.step
     accs: list[float] = []
     loss_v = float("nan")
-    bar = tqdm(total=total_steps * s.batch_size * s.chunk_len, initial=pos.step * s.batch_size * s.chunk_len,
-               unit="pos", unit_scale=True, desc="draft training", disable=not progress, smoothing=0.05)
+    bar = tqdm(total=int(n_positions * s.epochs), initial=pos.tokens, unit="pos", unit_scale=True,
+               desc="draft training", disable=not progress, smoothing=0.05)  # positions trained on: tok/s, ETA
     stopped = False
     while pos.step < total_steps and not stopped:
         pools = epoch_pools(len(shards), s.pool_shards, s.seed, pos.epoch)
@@ -206,7 +223,7 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
                 n = int(batch.lengths.sum())
                 pos.step, pos.batch, pos.tokens = pos.step + 1, pos.batch + 1, pos.tokens + n
                 loss_v = float(loss.detach())
-                bar.update(s.batch_size * s.chunk_len)
+                bar.update(n)
                 bar.set_postfix(loss=f"{loss_v:.3f}", acc0=f"{accs[0]:.2f}" if accs else "-", ep=pos.epoch)
                 now = time.monotonic()
                 if now - last_ckpt > 60 * s.checkpoint_minutes:
