@@ -190,7 +190,7 @@ def test_cli_trains_resumes_and_writes_a_loadable_draft(tiny_model_dir, tmp_path
     common = ["train-draft", "--data", "corpus", "--corpus", str(corpus), "--model", str(tiny_model_dir),
               "--dtype", "float32", "--threads", "1", "--greedy-sequences", "8", "--sampled-sequences", "4",
               "--heldout-sequences", "3", "--heldout-every", "5", "--draft-vocab", "48", "--epochs", "4",
-              "--batch-size", "2", "--chunk-len", "16", "--state-cache", str(tmp_path / "states"),
+              "--batch-size", "2", "--chunk-len", "16", "--eval-every-epoch", "--state-cache", str(tmp_path / "states"),
               "--out", str(tmp_path / "draft")]
     first = _tide(*common, "--max-train-steps", "5", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -206,6 +206,8 @@ def test_cli_trains_resumes_and_writes_a_loadable_draft(tiny_model_dir, tmp_path
     assert head.d2t.numel() == 48
     assert manifest["data"]["greedy_sequences"] == 8 and manifest["data"]["corpus_meta"] == {"made_by": "tests"}
     assert set(manifest["heldout_acceptance"]) == {"1", "3", "5"}
+    by_epoch = manifest["heldout_by_epoch"]  # --eval-every-epoch: one held-out score per finished epoch
+    assert [e["epoch"] for e in by_epoch][:3] == [1, 2, 3] and all(e["tau_gamma3"] >= 1.0 for e in by_epoch)
     bad = _tide(*common[:4], str(tmp_path / "nope.npz"), *common[5:], cwd=tmp_path)
     assert bad.returncode == 2 and "token corpus not found" in bad.stderr
 

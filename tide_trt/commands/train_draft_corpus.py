@@ -32,6 +32,8 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
                    help="greedy answers of held-out prompts for the simulated acceptance")
     g.add_argument("--eval-sequences", type=int, default=None,
                    help="evaluate on the first N held-out sequences only (quick ablations; default: all)")
+    g.add_argument("--eval-every-epoch", action="store_true",
+                   help="score the held-out set (γ = 3) after every epoch (kept in the checkpoint and manifest)")
     g.add_argument("--eval-gammas", type=int, nargs="+", default=[1, 3, 5], help="γ values of the held-out report")
     g.add_argument("--heldout-every", type=int, default=50,
                    help="prompts whose index is a multiple of this are held out of training (both answers)")
@@ -113,8 +115,14 @@ def run_corpus(args: argparse.Namespace) -> int:
     work = Path(args.work_dir or f"{args.out}.work")
     data_meta = {"corpus": str(corpus.path), "corpus_sha256_16": corpus.fingerprint, "init": args.init,
                  "draft_vocab": int(head.d2t.numel())}
+    def epoch_eval(epoch: int, h) -> dict:
+        r = evaluate_shards(h, t2d, heldout, device, (3,), max_sequences=args.eval_sequences)["3"]
+        log.info("after epoch %d: held-out τ(γ=3) %.3f, p %.3f", epoch + 1, r["tau"], r["p"])
+        return {"tau_gamma3": r["tau"], "p_gamma3": r["p"]}
+
     history = train_on_shards(head, t2d, train, settings, work, resume=args.resume, meta=data_meta,
-                              max_seconds=args.max_train_seconds, max_steps=args.max_train_steps)
+                              max_seconds=args.max_train_seconds, max_steps=args.max_train_steps,
+                              on_epoch_end=epoch_eval if args.eval_every_epoch else None)
     if not history["finished"]:
         log.info("stopped at step %d of %d: run the same command with --resume to continue", history["step"],
                  history["total_steps"])
@@ -132,7 +140,8 @@ def run_corpus(args: argparse.Namespace) -> int:
                  "train_positions": history["train_positions"], "corpus_positions": history["corpus_positions"]},
         "settings": dataclasses.asdict(settings), "draft_vocab_coverage": coverage, "ttt_steps": args.ttt_steps,
         "epochs": args.epochs, "prefill_seconds": prefill_s, "train_seconds_last_run": history["seconds_this_run"],
-        "heldout_acceptance": report, "eval_acceptance": report[str(args.eval_gammas[0])]["p"],
+        "heldout_acceptance": report, "heldout_by_epoch": history["epoch_evals"],
+        "eval_acceptance": report[str(args.eval_gammas[0])]["p"],
         "model_name": info.name, "dtype_of_signals": cfg.engine.dtype,
     }
     head.to("cpu", torch.bfloat16)

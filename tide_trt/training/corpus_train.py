@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,8 @@ def lr_at(step: int, total: int, s: CorpusTrainSettings) -> float:
 
 
 # ---- checkpoints (safetensors + JSON; never pickle) ---------------------------------------------------------
-def save_train_state(work: Path, head: Eagle3Head, opt: torch.optim.AdamW, pos: Position, meta: dict) -> None:
+def save_train_state(work: Path, head: Eagle3Head, opt: torch.optim.AdamW, pos: Position, meta: dict,
+                     epoch_evals: list[dict] | None = None) -> None:
     tensors = {f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     names = {id(p): n for n, p in head.named_parameters()}
     for group in opt.param_groups:
@@ -144,7 +146,7 @@ def save_train_state(work: Path, head: Eagle3Head, opt: torch.optim.AdamW, pos: 
             if st:
                 for k in ("exp_avg", "exp_avg_sq", "step"):
                     tensors[f"opt.{names[id(p)]}.{k}"] = torch.as_tensor(st[k]).detach().cpu().contiguous()
-    doc = {"position": asdict(pos), **meta}
+    doc = {"position": asdict(pos), "epoch_evals": epoch_evals or [], **meta}
     tmp_w, tmp_j = work / (STATE_WEIGHTS + ".tmp"), work / (STATE_JSON + ".tmp")
     save_file(tensors, str(tmp_w))
     tmp_j.write_text(json.dumps(doc, indent=2, sort_keys=True))
@@ -168,11 +170,13 @@ def load_train_state(work: Path, head: Eagle3Head, opt: torch.optim.AdamW) -> tu
 
 def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: CorpusTrainSettings, work: Path,
                     *, resume: bool, meta: dict, max_seconds: float | None = None, max_steps: int | None = None,
-                    progress: bool = True) -> dict[str, Any]:
+                    on_epoch_end: Callable[[int, Eagle3Head], dict] | None = None, progress: bool = True
+                    ) -> dict[str, Any]:
     """Train `head` in place over the shards for `s.epochs` epochs, checkpointing into `work`. With `resume`,
     continue from the checkpoint there (which must come from the same settings and data). Returns a summary;
     `finished` is False when `max_seconds` or `max_steps` (this run's budgets) stopped it first; run again with
-    resume to continue."""
+    resume to continue. `on_epoch_end(epoch, head)` (e.g. a held-out evaluation) runs after each full epoch; its
+    results are kept in the checkpoint and returned as `epoch_evals`."""
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device(s.device)
     head.to(device)
@@ -184,8 +188,10 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
     identity = {"settings": {k: v for k, v in asdict(s).items() if k not in ("checkpoint_minutes", "device")},
                 "shards": [str(p) for p in shards], "total_steps": total_steps, **meta}
     pos = Position()
+    epoch_evals: list[dict] = []
     if resume and (work / STATE_JSON).is_file():
         pos, doc = load_train_state(work, head, opt)
+        epoch_evals = doc.get("epoch_evals", [])
         diff = sorted(k for k in identity if doc.get(k) != json.loads(json.dumps(identity[k])))
         if diff:
             raise TideError(f"{work}: the checkpoint was made with other {diff}; resume with the same arguments")
@@ -227,7 +233,7 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
                 bar.set_postfix(loss=f"{loss_v:.3f}", acc0=f"{accs[0]:.2f}" if accs else "-", ep=pos.epoch)
                 now = time.monotonic()
                 if now - last_ckpt > 60 * s.checkpoint_minutes:
-                    save_train_state(work, head, opt, pos, identity)
+                    save_train_state(work, head, opt, pos, identity, epoch_evals)
                     last_ckpt = now
                 if (max_seconds is not None and now - t0 > max_seconds) or (
                         max_steps is not None and pos.step - start_step >= max_steps):
@@ -236,14 +242,19 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
             if not stopped:
                 pos.pool, pos.batch = pos.pool + 1, 0
         if not stopped:
+            if on_epoch_end is not None and pos.pool >= len(pools):
+                head.eval()
+                epoch_evals.append({"epoch": pos.epoch + 1, "step": pos.step, **on_epoch_end(pos.epoch, head)})
+                head.train()
             pos.epoch, pos.pool = pos.epoch + 1, 0
     bar.close()
-    save_train_state(work, head, opt, pos, identity)
+    save_train_state(work, head, opt, pos, identity, epoch_evals)
     head.eval()
     seconds = time.monotonic() - t0
     return {"finished": pos.step >= total_steps, "step": pos.step, "total_steps": total_steps,
             "steps_this_run": pos.step - start_step, "seconds_this_run": seconds, "train_positions": pos.tokens,
-            "corpus_positions": n_positions, "chunks": n_chunks, "last_loss": loss_v, "last_step_accuracy": accs}
+            "corpus_positions": n_positions, "chunks": n_chunks, "last_loss": loss_v, "last_step_accuracy": accs,
+            "epoch_evals": epoch_evals}
 
 
 def evaluate_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], device: str,
