@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--drafts", nargs="+", default=["default"],
                    help="drafts to compare: shipped names (v3, v4, default) or checkpoint directories")
+    p.add_argument("--lookup-ngrams", type=int, nargs="+", default=[0],
+                   help="draft.lookup_ngram values to run each draft with (0: the EAGLE-3 head alone)")
     p.add_argument("--workload", choices=["sharegpt", "sharegpt-non-english", "humaneval"], default="sharegpt")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default=None)
@@ -117,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
             dtype=args.dtype, max_batch_size=max(args.batch_sizes), max_seq_len=512 + args.max_new_tokens + 16
         ),
     )
-    drafters = {name: build_drafter(engine, resolve_draft_path(name)) for name in args.drafts}
+    drafters = {(name if n == 0 else f"{name}+lookup{n}"): build_drafter(engine, resolve_draft_path(name), n)
+                for name in args.drafts for n in args.lookup_ngrams}
     if args.workload == "humaneval":
         texts = humaneval_prompts(args.prompts)
     else:
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gamma": args.gamma,
         "workload": args.workload,
         "drafts": {name: str(resolve_draft_path(name)) for name in args.drafts},
+        "lookup_ngrams": args.lookup_ngrams,
         "runs": {},
     }
     hf_model = None

@@ -50,6 +50,10 @@ class DraftConfig:
     gamma: int = 3
     gamma_max: int = 8
     catch_up_window: int = 64  # the draft catches up on at most this many positions per sequence (0: all)
+    # > 0: where the last N tokens occurred earlier in the sequence, propose what followed them (n-gram lookup)
+    # instead of the head's chain; 0: the EAGLE-3 head alone (see docs/TRAINING.md for the measured effect and
+    # why it is off by default: served acceptance then mixes lookup and head, which the deploy gate compares with)
+    lookup_ngram: int = 0
 
 
 @dataclass

@@ -56,10 +56,14 @@ def build_engine(cfg: TideConfig) -> TargetEngine:
     raise TideError(f"unknown engine.backend {cfg.engine.backend!r} (torch | trtllm)")
 
 
-def build_drafter(engine: TargetEngine, draft_path: str | Path) -> ChainDrafter:
-    """Load + validate a draft checkpoint for this engine and wrap it in a serving drafter."""
+def build_drafter(engine: TargetEngine, draft_path: str | Path, lookup_ngram: int = 0) -> ChainDrafter:
+    """Load + validate a draft checkpoint for this engine and wrap it in a serving drafter (`lookup_ngram` > 0:
+    n-gram lookup proposals where the sequence repeats itself, see draft/lookup.py)."""
+    if lookup_ngram < 0:
+        raise TideError(f"draft.lookup_ngram must be >= 0, got {lookup_ngram}")
     head, manifest = load_draft(draft_path, engine.info, engine.embedding_weight())
-    return ChainDrafter.for_engine(head, engine.info, version=int(manifest.get("version", 0)))
+    return ChainDrafter.for_engine(head, engine.info, version=int(manifest.get("version", 0)),
+                                   lookup_ngram=lookup_ngram)
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:

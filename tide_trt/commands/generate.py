@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         read_draft_config(draft_path)  # fail fast on an unreadable draft before loading the target
     cfg.engine.max_batch_size = 1
     engine = build_engine(cfg)
-    drafter = build_drafter(engine, draft_path) if draft_path else None
+    drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram) if draft_path else None
     prompt_ids = encode_prompt(engine.tokenizer, args.prompt, chat=not args.raw)
     cfg.engine.max_seq_len = max(cfg.engine.max_seq_len, len(prompt_ids) + args.max_tokens + 16)
     gen = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tide_trt.draft.eagle3 import Eagle3Head
+from tide_trt.draft.lookup import lookup_continuation
 from tide_trt.engine.base import ModelInfo
 from tide_trt.engine.kv_cache import KVCache
 from tide_trt.kernels.linear import to_native_linears
@@ -26,6 +28,7 @@ from tide_trt.spec.sampling import logits_to_probs, sample_from_probs
 class DraftProposal:
     tokens: torch.Tensor  # [B, gamma] int64 target-vocabulary ids
     probs: torch.Tensor | None  # [B, gamma, V] float32 over the target vocabulary (stochastic batches only)
+    from_lookup: list[bool] | None = None  # [B] the row's drafts came from the n-gram lookup, not the head
 
 
 @dataclass
@@ -40,7 +43,8 @@ class DraftSampling:
 
 class ChainDrafter:
     def __init__(self, head: Eagle3Head, max_slots: int, max_seq_len: int, dtype: torch.dtype, device: str,
-                 version: int = 0, native_linears: bool = False):
+                 version: int = 0, native_linears: bool = False, lookup_ngram: int = 0):
+        self.lookup_ngram = lookup_ngram  # > 0: n-gram lookup proposals where the history repeats (draft/lookup.py)
         self.dtype = dtype  # activations (float32 with native linears, whose weights stay bfloat16)
         self.native_linears = native_linears
         self.device = device
@@ -53,11 +57,11 @@ class ChainDrafter:
         self.version = version
 
     @classmethod
-    def for_engine(cls, head: Eagle3Head, info: ModelInfo, version: int = 0) -> ChainDrafter:
+    def for_engine(cls, head: Eagle3Head, info: ModelInfo, version: int = 0, lookup_ngram: int = 0) -> ChainDrafter:
         """A drafter sized and typed for the engine described by `info` (slots, context, activation dtype,
         native linears)."""
         return cls(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, info.device,
-                   version=version, native_linears=info.native_linears)
+                   version=version, native_linears=info.native_linears, lookup_ngram=lookup_ngram)
 
     def _serving_copy(self, head: Eagle3Head) -> Eagle3Head:
         embed = head.embed
@@ -104,8 +108,14 @@ class ChainDrafter:
 
     @torch.inference_mode()
     def propose(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]],
-                gamma: int, sampling: DraftSampling | None) -> DraftProposal:
-        """pending_hidden[b] [m_b, C, H] / pending_tokens[b] (m_b ids): the true entries not yet cached."""
+                gamma: int, sampling: DraftSampling | None, histories: list[list[int]] | None = None
+                ) -> DraftProposal:
+        """pending_hidden[b] [m_b, C, H] / pending_tokens[b] (m_b ids): the true entries not yet cached.
+        histories[b]: the row's whole token sequence, for n-gram lookup proposals (when `lookup_ngram` > 0); the
+        head always catches up, so its cache stays current whichever proposal a row takes."""
+        lookups = [None] * len(slots)
+        if self.lookup_ngram > 0 and histories is not None:
+            lookups = [lookup_continuation(np.asarray(h), self.lookup_ngram, gamma) for h in histories]
         head = self.head
         dev = self.device
         bsz = len(slots)
@@ -125,7 +135,8 @@ class ChainDrafter:
             self.cached[s] += n
         out_tokens, out_probs = [], []
         zero = torch.zeros(bsz, dtype=torch.long, device=dev)
-        for j in range(gamma):
+        chain_steps = 0 if all(lk is not None for lk in lookups) else gamma  # every row looked up: no chain
+        for j in range(chain_steps):
             draft_ids, probs = self._pick(logits, sampling)  # [B] target ids, [B, V] or None
             out_tokens.append(draft_ids)
             if probs is not None:
@@ -134,9 +145,21 @@ class ChainDrafter:
                 break
             hidden, logits = head.step(self.cache, slot_t, hidden[:, None], draft_ids[:, None], pos, zero)
             pos = pos + 1
-        tokens = torch.stack(out_tokens, dim=1)  # [B, gamma]
-        probs = torch.stack(out_probs, dim=1) if out_probs else None  # [B, gamma, V]
-        return DraftProposal(tokens, probs)
+        if chain_steps:
+            tokens = torch.stack(out_tokens, dim=1)  # [B, gamma]
+            probs = torch.stack(out_probs, dim=1) if out_probs else None  # [B, gamma, V]
+        else:
+            tokens = torch.zeros(bsz, gamma, dtype=torch.long, device=dev)
+            probs = None if sampling is None else torch.zeros(bsz, gamma, self.head.cfg.target_vocab_size,
+                                                              device=dev)
+        from_lookup = [lk is not None for lk in lookups]
+        if any(from_lookup):
+            rows = [b for b, lk in enumerate(lookups) if lk is not None]
+            looked = torch.tensor([lookups[b] for b in rows], dtype=torch.long, device=dev)  # [k, gamma]
+            tokens[rows] = looked
+            if probs is not None:  # a lookup draft is deterministic: its distribution is one-hot
+                probs[rows] = torch.nn.functional.one_hot(looked, probs.shape[-1]).to(probs.dtype)
+        return DraftProposal(tokens, probs, from_lookup)
 
     def _catch_up(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]]
                   ) -> tuple[torch.Tensor, torch.Tensor]:

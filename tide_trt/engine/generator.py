@@ -198,7 +198,8 @@ class SpeculativeGenerator:
             pend_h.append(self.history[s.slot, lo:hi])  # [m, C, H]
             pend_t.append(s.tokens[lo + 1: hi + 1])
         sampling = self._draft_sampling(drafting)
-        proposal = drafter.propose([s.slot for s in drafting], pend_h, pend_t, gamma, sampling)
+        histories = [s.tokens for s in drafting] if drafter.lookup_ngram > 0 else None
+        proposal = drafter.propose([s.slot for s in drafting], pend_h, pend_t, gamma, sampling, histories)
         draft_slots = {s.slot for s in drafting}
         spec_idx = [b for b, s in enumerate(seqs) if s.slot in draft_slots]  # rows of `drafting` within seqs
         plain_idx = [b for b, s in enumerate(seqs) if s.slot not in draft_slots]

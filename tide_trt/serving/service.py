@@ -34,7 +34,7 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
 
     draft_path = resolve_draft_path(cfg.draft.path)
     engine = build_engine(cfg)
-    drafter = build_drafter(engine, draft_path) if draft_path is not None else None
+    drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram) if draft_path is not None else None
     generator = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)
     gamma = 0
     if drafter is not None:
