@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="prompts keep their last N tokens (shorter: a more decode-dominated run)")
     p.add_argument("--gamma-max", type=int, default=4)
     p.add_argument("--static-gamma", type=int, default=3)
+    p.add_argument("--draft", default="default", help="the trained draft: a shipped name or a checkpoint dir")
+    p.add_argument("--lookup-ngram", type=int, default=0, help="draft.lookup_ngram of the trained draft")
+    p.add_argument("--skip-mismatched", action="store_true", help="only the trained draft")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -140,8 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
             max_seq_len=args.max_prompt_tokens + args.max_new_tokens + 16,
         ),
     )
-    trained = build_drafter(engine, resolve_draft_path("default"))
-    drafts = {"trained": trained, "mismatched": _mismatched(engine, trained)}
+    trained = build_drafter(engine, resolve_draft_path(args.draft), args.lookup_ngram)
+    drafts = {"trained": trained} if args.skip_mismatched else {"trained": trained,
+                                                                "mismatched": _mismatched(engine, trained)}
     profile = cached_engine_profile(engine, trained, args.gamma_max)
     extra = _point_turns(args.point_turns)
     plans = {c: _plan(c, max(args.turns, extra.get(c, 0)), args.min_requests) for c in args.concurrency}
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
         "max_prompt_tokens": args.max_prompt_tokens,
         "static_gamma": args.static_gamma,
         "gamma_max": args.gamma_max,
+        "draft": str(resolve_draft_path(args.draft)),
+        "lookup_ngram": args.lookup_ngram,
         "plans": {str(c): {"chunk": ch, "turns": t} for c, (ch, t) in plans.items()},
         "native_linears": engine.info.native_linears,
         "profile": profile.to_dict(),

@@ -18,7 +18,7 @@ from tide_trt.spec.sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 SHIPPED_DRAFTS_DIR = Path(__file__).parent / "assets" / "drafts"  # one directory per named, released draft
-DEFAULT_DRAFT = "v3"  # the shipped draft that `draft.path: default` serves
+DEFAULT_DRAFT = "v4"  # the shipped draft that `draft.path: default` serves
 DEFAULT_DRAFT_DIR = SHIPPED_DRAFTS_DIR / DEFAULT_DRAFT
 GAMMA_MIN, GAMMA_MAX = 1, 8
 

@@ -49,7 +49,7 @@ def shipped_rows() -> list[dict]:
         data = manifest.get("data", {})
         rows.append({"name": name, "default": name == DEFAULT_DRAFT, "path": str(path), "bytes": dir_bytes(path),
                      "heldout_tau_gamma3": held.get("tau"),
-                     "train_positions": data.get("train_positions", data.get("train_tokens")),
+                     "distinct_train_tokens": data.get("corpus_positions", data.get("train_tokens")),
                      "command": manifest.get("command")})
     return rows
 
@@ -100,11 +100,13 @@ def run_ls(args: argparse.Namespace) -> int:
         )
         return 0
     print("shipped drafts (draft.path: <name>; 'default' serves the one marked):")
-    print(f"{'name':>7} {'size':>9} {'held-out τ(γ=3)':>16} {'trained on':>11}  default")
+    print(f"{'name':>7} {'size':>9} {'held-out τ(γ=3)*':>17} {'data tokens':>11}  default")
     for r in shipped:
-        tokens = f"{r['train_positions'] / 1e6:.2f}M" if r["train_positions"] else "-"
-        print(f"{r['name']:>7} {r['bytes'] / 1e6:>6.2f} MB {_fmt(r['heldout_tau_gamma3']):>16} {tokens:>11}  "
+        tokens = f"{r['distinct_train_tokens'] / 1e6:.2f}M" if r["distinct_train_tokens"] else "-"
+        print(f"{r['name']:>7} {r['bytes'] / 1e6:>6.2f} MB {_fmt(r['heldout_tau_gamma3']):>17} {tokens:>11}  "
               f"{'yes' if r['default'] else ''}")
+    print("  * simulated, on the held-out set of each draft's own training data (compare drafts with "
+          "`tide bench bench_engine --drafts NAME NAME`)")
     print(f"draft store {store.root}: current {cur} ({'pinned' if pin is not None else 'latest'})")
     print(
         f"{'version':>7} {'parent':>6} {'size':>9} {'eval acc':>8} {'served':>7} {'gain':>7} "
