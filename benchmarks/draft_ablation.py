@@ -26,10 +26,10 @@ VARIANTS: dict[str, list[str]] = {
     "vocab16k": ["--draft-vocab", "16384", "--lr", "3e-3"],
     "init_v3_lr3e-4": ["--init", "v3", "--lr", "3e-4"],
     "init_v3_lr1e-4": ["--init", "v3", "--lr", "1e-4"],
-    "init_v3_chunk512": ["--init", "v3", "--lr", "3e-4", "--chunk-len", "512"],
-    "init_v3_ttt4": ["--init", "v3", "--lr", "3e-4", "--ttt-steps", "4"],
-    "init_v3_greedy+sampled": ["--init", "v3", "--lr", "3e-4", "--greedy-sequences", "256",
-                               "--sampled-sequences", "256"],
+    "init_v3_lr1e-4_chunk512": ["--init", "v3", "--lr", "1e-4", "--chunk-len", "512"],
+    "init_v3_lr1e-4_ttt4": ["--init", "v3", "--lr", "1e-4", "--ttt-steps", "4"],
+    "init_v3_lr1e-4_greedy+sampled": ["--init", "v3", "--lr", "1e-4", "--greedy-sequences", "256",
+                                      "--sampled-sequences", "256"],
 }
 
 
@@ -37,6 +37,23 @@ def base_args(corpus: str, sequences: int, eval_sequences: int, epochs: float, t
     return ["train-draft", "--data", "corpus", "--corpus", corpus, "--greedy-sequences", str(sequences),
             "--eval-sequences", str(eval_sequences), "--eval-gammas", "1", "3", "--epochs", str(epochs),
             "--threads", str(threads)]
+
+
+def reference_scores(name: str, state_cache: str, eval_sequences: int) -> dict:
+    """A shipped draft's held-out simulated acceptance on the variants' held-out answers (γ = 1, 3)."""
+    from tide_trt.config import TideConfig
+    from tide_trt.draft.checkpoint import load_draft
+    from tide_trt.online.trainer import load_target_identity
+    from tide_trt.runtime import resolve_draft_path
+    from tide_trt.training.corpus_train import evaluate_shards
+    from tide_trt.training.vocab import t2d_from_d2t
+
+    info, embed = load_target_identity(TideConfig(), "cpu")
+    head, _ = load_draft(resolve_draft_path(name), info, embed)
+    head = head.float()
+    shards = sorted((Path(state_cache) / "heldout_greedy").glob("shard_*.safetensors"))
+    return evaluate_shards(head, t2d_from_d2t(head.d2t, info.vocab_size), shards, "cpu", (1, 3),
+                           max_sequences=eval_sequences)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -52,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--runs", default="runs/ablation", help="one output directory per variant")
     p.add_argument("--collect-only", action="store_true", help="do not train missing variants")
+    p.add_argument("--reference", nargs="*", default=["v3", "v4"],
+                   help="shipped drafts scored untouched on the same held-out answers (rows for comparison)")
+    p.add_argument("--state-cache", default="runs/corpus_states")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     common = base_args(args.corpus, args.sequences, args.eval_sequences, args.epochs, args.threads)
@@ -66,13 +86,18 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         manifest = json.loads((out / "config.json").read_text())["manifest"]
         held = manifest["heldout_acceptance"]
-        rows[name] = {"command": "tide " + shlex.join(cmd), "args": VARIANTS[name],
+        rows[name] = {"command": manifest["command"], "args": VARIANTS[name],  # as it ran (threads may differ)
                       "tau_gamma1": held["1"]["tau"], "tau_gamma3": held["3"]["tau"], "p_gamma3": held["3"]["p"],
                       "coverage": manifest["draft_vocab_coverage"],
                       "train_positions": manifest["data"]["train_positions"],
                       "train_seconds": manifest["train_seconds_last_run"]}
-    result = {"benchmark": "draft_ablation", "machine": machine(), "sequences": args.sequences,
-              "eval_sequences": args.eval_sequences, "epochs": args.epochs, "variants": rows}
+    references = {name: reference_scores(name, args.state_cache, args.eval_sequences) for name in args.reference}
+    for name, held in references.items():
+        print(f"reference {name}: held-out τ (γ=1) {held['1']['tau']:.3f}, τ (γ=3) {held['3']['tau']:.3f}, "
+              f"p (γ=3) {held['3']['p']:.3f}")
+    result = {"benchmark": "draft_ablation", "references": references, "machine": machine(),
+              "sequences": args.sequences, "eval_sequences": args.eval_sequences, "epochs": args.epochs,
+              "variants": rows}
     print("| variant | change | held-out τ (γ=1) | held-out τ (γ=3) | p (γ=3) | vocab coverage | train s |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():

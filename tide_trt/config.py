@@ -51,8 +51,8 @@ class DraftConfig:
     gamma_max: int = 8
     catch_up_window: int = 64  # the draft catches up on at most this many positions per sequence (0: all)
     # > 0: where the last N tokens occurred earlier in the sequence, propose what followed them (n-gram lookup)
-    # instead of the head's chain; 0: the EAGLE-3 head alone (see docs/TRAINING.md for the measured effect and
-    # why it is off by default: served acceptance then mixes lookup and head, which the deploy gate compares with)
+    # instead of the head's chain; 0: the EAGLE-3 head alone. Off by default: served acceptance then mixes lookup
+    # and head, so pair it with trainer.gate_baseline "parent" (docs/ARCHITECTURE.md, Draft)
     lookup_ngram: int = 0
 
 
