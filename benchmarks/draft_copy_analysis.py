@@ -24,25 +24,20 @@ log = logging.getLogger(__name__)
 
 def lookup_stats(shards: list[Path], ngrams: list[int], max_sequences: int) -> dict:
     from tide_trt.draft.lookup import lookup_continuation
-    from tide_trt.training.state_cache import load_shard
+    from tide_trt.training.state_cache import iter_sequences
 
     out = {}
     for n in ngrams:
-        proposed = right = total = seen = 0
-        for path in shards:
-            shard = load_shard(path)
-            for a, b, plen in shard.sequences():
-                if seen >= max_sequences:
-                    break
-                seen += 1
-                toks = shard.token_ids[a:b].numpy()
-                labels = shard.labels[a:b].tolist()
-                for q in range(max(plen - 1, 0), b - a):  # answer positions (+ the last prompt one)
-                    total += 1
-                    guess = lookup_continuation(toks[:q + 1], n, 1)
-                    if guess is not None:
-                        proposed += 1
-                        right += guess[0] == labels[q]
+        proposed = right = total = 0
+        for shard, a, b, plen in iter_sequences(shards, max_sequences):
+            toks = shard.token_ids[a:b].numpy()
+            labels = shard.labels[a:b].tolist()
+            for q in range(max(plen - 1, 0), b - a):  # answer positions (+ the last prompt one)
+                total += 1
+                guess = lookup_continuation(toks[:q + 1], n, 1)
+                if guess is not None:
+                    proposed += 1
+                    right += guess[0] == labels[q]
         out[str(n)] = {"coverage": proposed / total, "precision": right / max(proposed, 1),
                        "right_share": right / total, "positions": total}
     return out
@@ -57,7 +52,7 @@ def head_copy_split(draft: str, shards: list[Path], ngram: int, max_sequences: i
     from tide_trt.online.trainer import load_target_identity
     from tide_trt.runtime import resolve_draft_path
     from tide_trt.training.corpus_train import masked_labels
-    from tide_trt.training.state_cache import load_shard
+    from tide_trt.training.state_cache import iter_sequences
     from tide_trt.training.vocab import t2d_from_d2t
 
     info, embed = load_target_identity(TideConfig(), "cpu")
@@ -65,27 +60,21 @@ def head_copy_split(draft: str, shards: list[Path], ngram: int, max_sequences: i
     head = head.float().eval()
     t2d = t2d_from_d2t(head.d2t, info.vocab_size)
     hits = {"copyable": [0, 0], "other": [0, 0]}  # [right, positions]
-    seen = 0
-    for path in shards:
-        shard = load_shard(path)
-        for a, b, plen in shard.sequences():
-            if seen >= max_sequences:
-                break
-            seen += 1
-            toks = shard.token_ids[a:b]
-            labels = masked_labels(shard.labels[a:b], plen, train_on_prompt=False)
-            # entry q: features of q, token q+1 -> the target's token after q+1 (labels[q+1])
-            logits = head.ttt_forward(shard.hidden[None, a:b - 1].float(), toks[None, 1:], 1)[0][0]  # [T-1, Vd]
-            pred = head.d2t[logits.argmax(-1)]  # [T-1] target ids
-            arr = toks.numpy()
-            for q in range(b - a - 1):
-                target = int(labels[q + 1])
-                if target < 0:
-                    continue
-                guess = lookup_continuation(arr[:q + 2], ngram, 1)
-                kind = "copyable" if guess is not None and guess[0] == target else "other"
-                hits[kind][0] += int(pred[q]) == target and bool(t2d[target] >= 0)
-                hits[kind][1] += 1
+    for shard, a, b, plen in iter_sequences(shards, max_sequences):
+        toks = shard.token_ids[a:b]
+        labels = masked_labels(shard.labels[a:b], plen, train_on_prompt=False)
+        # entry q: features of q, token q+1 -> the target's token after q+1 (labels[q+1])
+        logits = head.ttt_forward(shard.hidden[None, a:b - 1].float(), toks[None, 1:], 1)[0][0]  # [T-1, Vd]
+        pred = head.d2t[logits.argmax(-1)]  # [T-1] target ids
+        arr = toks.numpy()
+        for q in range(b - a - 1):
+            target = int(labels[q + 1])
+            if target < 0:
+                continue
+            guess = lookup_continuation(arr[:q + 2], ngram, 1)
+            kind = "copyable" if guess is not None and guess[0] == target else "other"
+            hits[kind][0] += int(pred[q]) == target and bool(t2d[target] >= 0)
+            hits[kind][1] += 1
     return {k: {"accuracy": r / max(n, 1), "positions": n} for k, (r, n) in hits.items()}
 
 

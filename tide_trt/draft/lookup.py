@@ -2,8 +2,8 @@
 
 Small targets loop, and a one-layer draft head learns to copy slowly (`benchmarks/draft_copy_analysis.py`
 measures both). Where the last `ngram` tokens occurred earlier in the sequence's own history (prompt + output),
-the drafter proposes what followed their most recent earlier occurrence; elsewhere the head's chain. Verification is unchanged (a lookup proposal
-is a draft with a one-hot distribution), so output stays lossless.
+the drafter proposes what followed their most recent earlier occurrence; elsewhere the head's chain.
+Verification is unchanged (a lookup proposal is a draft with a one-hot distribution), so output stays lossless.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from tide_trt.draft.eagle3 import Eagle3Head
 from tide_trt.errors import TideError
 from tide_trt.kernels import fast_bf16_matmul
 from tide_trt.online.trainer import Chunk, evaluate
-from tide_trt.training.state_cache import ShardData, load_shard
+from tide_trt.training.state_cache import ShardData, iter_sequences, load_shard
 from tide_trt.training.ttt import collate, ttt_loss
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,18 @@ def chunk_spans(labels: list[int], chunk_len: int) -> list[tuple[int, int]]:
     return spans
 
 
+def sequence_chunks(shard: ShardData, a: int, b: int, plen: int, chunk_len: int, train_on_prompt: bool
+                    ) -> list[Chunk]:
+    """Cut the sequence in rows a..b of a shard into chunks (see `masked_labels`, `chunk_spans`)."""
+    lab = masked_labels(shard.labels[a:b], plen, train_on_prompt).tolist()
+    tok = shard.token_ids[a:b].tolist()
+    return [(shard.hidden[a + s:a + e], tok[s:e], lab[s:e]) for s, e in chunk_spans(lab, chunk_len)]
+
+
 def shard_chunks(shard: ShardData, chunk_len: int, train_on_prompt: bool) -> list[Chunk]:
-    """Cut each sequence of a shard into chunks (see `masked_labels`, `chunk_spans`)."""
-    out: list[Chunk] = []
-    for a, b, plen in shard.sequences():
-        lab = masked_labels(shard.labels[a:b], plen, train_on_prompt).tolist()
-        tok = shard.token_ids[a:b].tolist()
-        out.extend((shard.hidden[a + s:a + e], tok[s:e], lab[s:e]) for s, e in chunk_spans(lab, chunk_len))
-    return out
+    """Every sequence of a shard cut into chunks."""
+    return [c for a, b, plen in shard.sequences() for c in sequence_chunks(shard, a, b, plen, chunk_len,
+                                                                            train_on_prompt)]
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -263,18 +267,8 @@ def evaluate_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], dev
     """Held-out simulated acceptance at each γ over the first `max_sequences` sequences (answer positions; a label
     outside the draft vocabulary is a miss, as when serving): per-token acceptance p, α = accepted / drafted,
     τ = 1 + mean accepted. Runs in float32, as the draft serves."""
-    chunks: list[Chunk] = []
-    seen = 0
-    for path in shards:
-        shard = load_shard(path)
-        if max_sequences is not None:
-            keep = min(len(shard.prompt_lens), max_sequences - seen)
-            shard = ShardData(shard.hidden, shard.token_ids, shard.labels, shard.seq_offsets[:keep + 1],
-                              shard.prompt_lens[:keep])
-        seen += len(shard.prompt_lens)
-        chunks += shard_chunks(shard, chunk_len, train_on_prompt=False)
-        if max_sequences is not None and seen >= max_sequences:
-            break
+    chunks = [c for shard, a, b, plen in iter_sequences(shards, max_sequences)
+              for c in sequence_chunks(shard, a, b, plen, chunk_len, train_on_prompt=False)]
     head.to(device)
     with torch.inference_mode():
         return {str(g): evaluate(head, chunks, t2d.to(device), g, device, batch_size=32) for g in gammas}

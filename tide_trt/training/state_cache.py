@@ -195,6 +195,18 @@ def load_shard(path: str | Path) -> ShardData:
         )
 
 
+def iter_sequences(paths: list[Path], limit: int | None = None) -> Iterator[tuple[ShardData, int, int, int]]:
+    """(shard, start row, end row, prompt length) of the first `limit` sequences across the shards, in order."""
+    seen = 0
+    for path in paths:
+        shard = load_shard(path)
+        for a, b, plen in shard.sequences():
+            if limit is not None and seen >= limit:
+                return
+            seen += 1
+            yield shard, a, b, plen
+
+
 def shard_label_counts(paths: list[Path], vocab_size: int, answer_only: bool = True) -> torch.Tensor:
     """Counts [V] of the target's labels over answer positions (plus each prompt's last position) of the shards,
     reading only the small tensors."""
