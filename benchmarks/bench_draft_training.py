@@ -27,23 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def _prefill(engine, seqs, batch_tokens: int) -> tuple[float, list[torch.Tensor]]:
-    from tide_trt.training.state_cache import ShardPlan, prefill_batch
+    from tide_trt.training.state_cache import prefill_sequences
 
-    plan = ShardPlan(0, tuple(seqs))
-    order = sorted(range(len(plan.sequences)), key=lambda i: len(plan.sequences[i].tokens))
-    labels: dict[int, torch.Tensor] = {}
     t0 = time.perf_counter()
-    i = 0
-    while i < len(order):  # the batching rule of state_cache.prefill_shard
-        j = i + 1
-        while j < len(order) and j - i < engine.info.max_batch_size and \
-                (j + 1 - i) * len(seqs[order[j]].tokens) <= batch_tokens:
-            j += 1
-        for k, (_, lab) in zip(order[i:j], prefill_batch(engine, [seqs[k] for k in order[i:j]], torch.bfloat16),
-                               strict=True):
-            labels[k] = lab
-        i = j
-    return time.perf_counter() - t0, [labels[k] for k in range(len(seqs))]
+    results = prefill_sequences(engine, seqs, batch_tokens)
+    return time.perf_counter() - t0, [labels for _, labels in results]
 
 
 def bench_prefill(corpus_path: str, n_seqs: int, rounds: int, batch_tokens: int, max_len: int) -> dict:

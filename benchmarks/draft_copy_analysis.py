@@ -51,8 +51,7 @@ def head_copy_split(draft: str, shards: list[Path], ngram: int, max_sequences: i
     from tide_trt.draft.lookup import lookup_continuation
     from tide_trt.online.trainer import load_target_identity
     from tide_trt.runtime import resolve_draft_path
-    from tide_trt.training.corpus_train import masked_labels
-    from tide_trt.training.state_cache import iter_sequences
+    from tide_trt.training.state_cache import iter_sequences, masked_labels
     from tide_trt.training.vocab import t2d_from_d2t
 
     info, embed = load_target_identity(TideConfig(), "cpu")

@@ -39,8 +39,9 @@ def resolve_draft_path(path: str) -> Path | None:
         if not (DEFAULT_DRAFT_DIR / "model.safetensors").is_file():
             raise TideError(f"the default draft is not installed at {DEFAULT_DRAFT_DIR}")
         return DEFAULT_DRAFT_DIR
-    if not Path(path).exists() and path in shipped_drafts():
-        return shipped_drafts()[path]
+    shipped = shipped_drafts()
+    if not Path(path).exists() and path in shipped:
+        return shipped[path]
     return Path(path)
 
 

@@ -141,7 +141,7 @@ def fit(head: Eagle3Head, chunks: list[Chunk], t2d: torch.Tensor, tc: TrainerCon
         batch = _to(collate([chunks[i] for i in order[: tc.batch_size]]), tc.device)
         del order[: tc.batch_size]
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=use_autocast):
-            loss = ttt_loss(head, batch, t2d, tc.ttt_steps)[0]
+            loss = ttt_loss(head, batch, t2d, tc.ttt_steps, with_accuracy=False)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

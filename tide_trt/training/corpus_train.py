@@ -29,7 +29,7 @@ from tide_trt.draft.eagle3 import Eagle3Head
 from tide_trt.errors import TideError
 from tide_trt.kernels import fast_bf16_matmul
 from tide_trt.online.trainer import Chunk, evaluate
-from tide_trt.training.state_cache import ShardData, iter_sequences, load_shard
+from tide_trt.training.state_cache import ShardData, iter_sequences, load_shard, masked_labels
 from tide_trt.training.ttt import collate, ttt_loss
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,6 @@ class Position:
     pool: int = 0  # index of the pool within the epoch
     batch: int = 0  # batches of the pool already taken
     tokens: int = 0  # positions trained on
-
-
-def masked_labels(labels: torch.Tensor, prompt_len: int, train_on_prompt: bool) -> torch.Tensor:
-    """A sequence's labels [T] with prompt positions before the last one set to -1 unless `train_on_prompt`
-    (the draft never drafts inside a prompt)."""
-    out = labels.clone()
-    if not train_on_prompt:
-        out[:max(prompt_len - 1, 0)] = -1
-    return out
 
 
 def chunk_spans(labels: list[int], chunk_len: int) -> list[tuple[int, int]]:

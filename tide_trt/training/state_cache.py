@@ -101,32 +101,38 @@ def prefill_batch(engine: TargetEngine, seqs: list[CorpusSequence], store_dtype:
             engine.free_slot(slot)
 
 
-def prefill_shard(engine: TargetEngine, plan: ShardPlan, path: Path, batch_tokens: int,
-                  store_dtype: torch.dtype = torch.bfloat16, bar: tqdm | None = None) -> None:
-    """Prefill one shard's sequences (similar lengths batched together, at most `batch_tokens` padded positions
-    and `max_batch_size` sequences per forward) and write the shard atomically."""
-    order = sorted(range(len(plan.sequences)), key=lambda i: len(plan.sequences[i].tokens))
+def prefill_sequences(engine: TargetEngine, seqs: tuple[CorpusSequence, ...] | list[CorpusSequence],
+                      batch_tokens: int, store_dtype: torch.dtype = torch.bfloat16, bar: tqdm | None = None
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(hidden [T, C, H], labels [T]) per sequence, in order: similar lengths batched together, at most
+    `batch_tokens` padded positions and `max_batch_size` sequences per forward."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
     results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     max_b = engine.info.max_batch_size
     i = 0
     while i < len(order):
         j = i + 1
-        while (j < len(order) and j - i < max_b
-               and (j + 1 - i) * len(plan.sequences[order[j]].tokens) <= batch_tokens):
+        while j < len(order) and j - i < max_b and (j + 1 - i) * len(seqs[order[j]].tokens) <= batch_tokens:
             j += 1
         idx = order[i:j]
-        for k, r in zip(idx, prefill_batch(engine, [plan.sequences[k] for k in idx], store_dtype), strict=True):
-            results[k] = r
+        results.update(zip(idx, prefill_batch(engine, [seqs[k] for k in idx], store_dtype), strict=True))
         if bar is not None:
-            bar.update(sum(len(plan.sequences[k].tokens) for k in idx))
+            bar.update(sum(len(seqs[k].tokens) for k in idx))
         i = j
+    return [results[k] for k in range(len(seqs))]
+
+
+def prefill_shard(engine: TargetEngine, plan: ShardPlan, path: Path, batch_tokens: int,
+                  store_dtype: torch.dtype = torch.bfloat16, bar: tqdm | None = None) -> None:
+    """Prefill one shard's sequences (`prefill_sequences`) and write the shard atomically."""
+    results = prefill_sequences(engine, plan.sequences, batch_tokens, store_dtype, bar)
     offsets = [0]
     for s in plan.sequences:
         offsets.append(offsets[-1] + len(s.tokens))
     tensors = {
-        "hidden_states": torch.cat([results[k][0] for k in range(len(plan.sequences))]).contiguous(),  # [N, C, H]
+        "hidden_states": torch.cat([h for h, _ in results]).contiguous(),  # [N, C, H]
         "token_ids": torch.from_numpy(np.concatenate([s.tokens for s in plan.sequences])).to(torch.int32),  # [N]
-        "labels": torch.cat([results[k][1] for k in range(len(plan.sequences))]),  # [N]
+        "labels": torch.cat([lab for _, lab in results]),  # [N]
         "seq_offsets": torch.tensor(offsets, dtype=torch.long),  # [S + 1]
         "prompt_lens": torch.tensor([s.num_prompt for s in plan.sequences], dtype=torch.int32),  # [S]
     }
@@ -207,19 +213,25 @@ def iter_sequences(paths: list[Path], limit: int | None = None) -> Iterator[tupl
             yield shard, a, b, plen
 
 
-def shard_label_counts(paths: list[Path], vocab_size: int, answer_only: bool = True) -> torch.Tensor:
+def masked_labels(labels: torch.Tensor, prompt_len: int, train_on_prompt: bool) -> torch.Tensor:
+    """A sequence's labels [T] with prompt positions before the last one set to -1 unless `train_on_prompt`
+    (the draft never drafts inside a prompt)."""
+    out = labels.clone()
+    if not train_on_prompt:
+        out[:max(prompt_len - 1, 0)] = -1
+    return out
+
+
+def shard_label_counts(paths: list[Path], vocab_size: int) -> torch.Tensor:
     """Counts [V] of the target's labels over answer positions (plus each prompt's last position) of the shards,
     reading only the small tensors."""
     counts = torch.zeros(vocab_size)
     for path in paths:
         with safe_open(str(path), "pt") as f:
             labels = f.get_tensor("labels").long()
-            if answer_only:
-                off = f.get_tensor("seq_offsets").tolist()
-                plen = f.get_tensor("prompt_lens").tolist()
-                keep = torch.zeros(labels.numel(), dtype=torch.bool)
-                for s, p in enumerate(plen):
-                    keep[off[s] + max(p - 1, 0):off[s + 1]] = True
-                labels = labels[keep]
-        counts += torch.bincount(labels, minlength=vocab_size).float()
+            off = f.get_tensor("seq_offsets").tolist()
+            plen = f.get_tensor("prompt_lens").tolist()
+        kept = torch.cat([masked_labels(labels[a:b], p, train_on_prompt=False)
+                          for a, b, p in zip(off[:-1], off[1:], plen, strict=True)])
+        counts += torch.bincount(kept[kept >= 0], minlength=vocab_size).float()
     return counts
