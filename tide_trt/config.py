@@ -42,6 +42,14 @@ class EngineConfig:
     # "auto": on CPU with dtype bfloat16, run every matmul in the native bf16-weight/fp32-activation kernel
     # (tide_trt/kernels) when it builds here; "off": plain PyTorch matmuls in `dtype`
     cpu_kernels: str = "auto"
+    # token budget of one engine step (decode/verify tokens first, then prompt chunks): long prompts are prefilled
+    # in chunks across steps while other sequences keep decoding; a TensorRT-LLM engine's own max_num_tokens caps it
+    max_num_tokens: int = 512
+    # CUDA only: capture fixed-shape decode / verify / draft steps as CUDA graphs per (batch bucket, γ) and replay
+    cuda_graphs: bool = True
+    # CUDA only: greedy verification and plain decoding run through the same fixed-shape GEMMs, so speculative
+    # greedy output is token-identical to plain greedy output in bf16
+    batch_invariant: bool = True
 
 
 @dataclass
