@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from tide_trt.config import TideConfig
+from tide_trt.config import ServingConfig, SignalConfig, TideConfig, TrainerConfig
 from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 from tide_trt.engine.hooks import StaticGamma, run_step
 from tide_trt.engine.torch_engine import TorchTargetEngine
@@ -94,24 +94,20 @@ def workload(tokenizer, args: argparse.Namespace) -> list[tuple[str, list[int]]]
 
 
 def tide_config(args: argparse.Namespace, work: Path) -> TideConfig:
-    cfg = TideConfig()
-    cfg.signals.store_dir = str(work / "signals")
-    cfg.signals.shard_tokens = 256
-    cfg.signals.flush_seconds = 2.0
-    cfg.signals.drift_ema_short = args.drift_ema_short
-    cfg.signals.drift_ema_long = args.drift_ema_long
-    cfg.signals.drift_warmup_updates = args.drift_warmup
-    cfg.signals.drift_epsilon = args.drift_epsilon
-    cfg.signals.draft_limited_retry_steps = args.draft_limited_retry
-    cfg.trainer.drafts_dir = str(work / "drafts")
-    cfg.trainer.min_new_tokens = args.min_new_tokens
-    cfg.trainer.steps_per_round = args.steps_per_round
-    cfg.trainer.epochs_per_round = args.epochs_per_round
-    cfg.trainer.lr = args.lr
-    cfg.trainer.eval_fraction = 0.2
-    cfg.trainer.poll_seconds = 1.0
-    cfg.serving.refit_poll_seconds = 0.5
-    return cfg
+    return TideConfig(
+        signals=SignalConfig(
+            store_dir=str(work / "signals"), shard_tokens=256, flush_seconds=2.0,
+            drift_ema_short=args.drift_ema_short, drift_ema_long=args.drift_ema_long,
+            drift_warmup_updates=args.drift_warmup, drift_epsilon=args.drift_epsilon,
+            draft_limited_retry_steps=args.draft_limited_retry,
+        ),
+        trainer=TrainerConfig(
+            drafts_dir=str(work / "drafts"), min_new_tokens=args.min_new_tokens,
+            steps_per_round=args.steps_per_round, epochs_per_round=args.epochs_per_round, lr=args.lr,
+            eval_fraction=0.2, poll_seconds=1.0,
+        ),
+        serving=ServingConfig(refit_poll_seconds=0.5),
+    )
 
 
 def start_trainer(cfg: TideConfig, draft: str, work: Path, nice: int) -> subprocess.Popen:
@@ -265,6 +261,10 @@ def run_system(
 
     drafter = None if name == "none" else build_drafter(engine, resolve_draft_path(args.draft))
     plugins, trainer, cfg = [], None, None
+    policy = StaticGamma(0 if drafter is None else args.gamma)
+    adaptive = name == "tide" and args.tide_gamma == "adaptive"
+    if adaptive:
+        policy = tide_controller(engine, drafter, args)
     if name == "tide":
         cfg = tide_config(args, work)
         trainer = start_trainer(cfg, args.draft, work, args.trainer_nice)
@@ -274,14 +274,10 @@ def run_system(
                 raise RuntimeError(f"trainer exited: {(work / 'trainer.log').read_text()[-2000:]}")
             time.sleep(0.2)
         gen_probe = SpeculativeGenerator(engine, drafter)
-        plugins = build_online_plugins(cfg, engine, gen_probe)
-    policy = StaticGamma(0 if drafter is None else args.gamma)
-    if name == "tide" and args.tide_gamma == "adaptive":
-        from tide_trt.online.adaptation import link_controller
-
-        policy = tide_controller(engine, drafter, args)
-        if args.collect_when_draft_limited:
-            link_controller(plugins, policy)
+        limited = policy.controller if adaptive and args.collect_when_draft_limited else None
+        plugins = build_online_plugins(cfg, engine, gen_probe,
+                                       draft_limited_fn=(lambda: limited.draft_limited) if limited else None)
+    if adaptive:
         plugins.append(policy)  # after the adaptation plugin: plugins[0] stays OnlineAdaptation
     t_start = time.time()
     try:
@@ -290,7 +286,7 @@ def run_system(
         if trainer is not None:
             stop_trainer(trainer)
         for p in plugins:
-            getattr(p, "close", lambda: None)()
+            p.close()
     result = {"system": name, "records": records, "events": events,
               "summary": summarize(records, args.warmup_requests)}
     if name == "tide":

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -202,10 +203,13 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.config)
     if args.draft:
-        cfg.draft.path = args.draft
-    cfg.engine.max_batch_size = max(cfg.engine.max_batch_size, *args.concurrency)
-    cfg.serving.max_queue = max(cfg.serving.max_queue, 2 * max(args.concurrency))
-    cfg.serving.max_tokens_limit = max(cfg.serving.max_tokens_limit, args.max_tokens)
+        cfg = replace(cfg, draft=replace(cfg.draft, path=args.draft))
+    cfg = replace(
+        cfg,
+        engine=replace(cfg.engine, max_batch_size=max(cfg.engine.max_batch_size, *args.concurrency)),
+        serving=replace(cfg.serving, max_queue=max(cfg.serving.max_queue, 2 * max(args.concurrency)),
+                        max_tokens_limit=max(cfg.serving.max_tokens_limit, args.max_tokens)),
+    )
     levels = {c: args.num_requests or max(8, 2 * c) for c in args.concurrency}
     prompts = _prompts(args, max(levels.values()))
     report: dict[str, Any] = {

@@ -52,8 +52,9 @@ def reference_scores(name: str, state_cache: str, eval_sequences: int) -> dict:
     head, _ = load_draft(resolve_draft_path(name), info, embed)
     head = head.float()
     shards = sorted((Path(state_cache) / "heldout_greedy").glob("shard_*.safetensors"))
-    return evaluate_shards(head, t2d_from_d2t(head.d2t, info.vocab_size), shards, "cpu", (1, 3),
-                           max_sequences=eval_sequences)
+    report = evaluate_shards(head, t2d_from_d2t(head.d2t, info.vocab_size), shards, "cpu", (1, 3),
+                             max_sequences=eval_sequences)
+    return {g: r.as_dict() for g, r in report.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,14 +88,15 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = json.loads((out / "config.json").read_text())["manifest"]
         held = manifest["heldout_acceptance"]
         rows[name] = {"command": manifest["command"], "args": VARIANTS[name],  # as it ran (threads may differ)
-                      "tau_gamma1": held["1"]["tau"], "tau_gamma3": held["3"]["tau"], "p_gamma3": held["3"]["p"],
+                      "tau_gamma1": held["1"]["tau"], "tau_gamma3": held["3"]["tau"],
+                      "alpha_gamma3": held["3"]["alpha"],
                       "coverage": manifest["draft_vocab_coverage"],
                       "train_positions": manifest["data"]["train_positions"],
                       "train_seconds": manifest["train_seconds_last_run"]}
     references = {name: reference_scores(name, args.state_cache, args.eval_sequences) for name in args.reference}
     for name, held in references.items():
         print(f"reference {name}: held-out τ (γ=1) {held['1']['tau']:.3f}, τ (γ=3) {held['3']['tau']:.3f}, "
-              f"p (γ=3) {held['3']['p']:.3f}")
+              f"α (γ=3) {held['3']['alpha']:.3f}")
     result = {"benchmark": "draft_ablation", "references": references, "machine": machine(),
               "sequences": args.sequences, "eval_sequences": args.eval_sequences, "epochs": args.epochs,
               "variants": rows}
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {' '.join(r['args']) or '—'} | {r['tau_gamma1']:.3f} | {r['tau_gamma3']:.3f} | "
-              f"{r['p_gamma3']:.3f} | {r['coverage']:.3f} | {r['train_seconds']:.0f} |")
+              f"{r['alpha_gamma3']:.3f} | {r['coverage']:.3f} | {r['train_seconds']:.0f} |")
     write_json(result, args.out)
     return result
 

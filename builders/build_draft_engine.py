@@ -205,7 +205,8 @@ def dynamic_shapes(max_batch: int = 1024, max_tokens: int = 8192) -> dict[str, d
     }
     shapes.update({"past_key": {0: b, 2: p}, "past_value": {0: b, 2: p}, "last_index": {0: b}})
     shapes["attn_mask"] = {0: b, 2: t, 3: dim.AUTO}
-    return shapes
+    # in forward()'s order: torch.onnx renames the axes by zipping this dict's values with the graph inputs
+    return {name: shapes[name] for name in INPUTS}
 
 
 def export_onnx(graph: DraftStepGraph, path: Path, dtype: torch.dtype, opset: int = 18) -> Path:

@@ -66,8 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-num-tokens",
         type=int,
-        default=0,
-        help="tokens per step (0 = max(max_seq_len, max_batch_size * (gamma_max + 1)))",
+        default=int(getattr(e, "max_num_tokens", 0)),
+        help="most tokens per step (engine.max_num_tokens: the step loop chunks prompts under it; "
+        "0 = max(max_seq_len, max_batch_size * (gamma_max + 1)))",
     )
     p.add_argument("--gamma-max", type=int, default=d.gamma_max, help="largest verification block - 1")
     p.add_argument(
@@ -108,6 +109,11 @@ def resolve_plan(args: argparse.Namespace, num_layers: int | None, fingerprint: 
     ):
         raise TideError(f"capture layers {capture} outside [0, {num_layers}]")
     max_tokens = args.max_num_tokens or max(args.max_seq_len, args.max_batch_size * (args.gamma_max + 1))
+    if max_tokens < args.max_batch_size:
+        raise TideError(
+            f"--max-num-tokens {max_tokens} < --max-batch-size {args.max_batch_size}: a decode step of a full "
+            "batch would not fit"
+        )
     ecfg = EngineConfig(
         backend="trtllm",
         device="cuda",
@@ -173,7 +179,8 @@ def build(plan: dict[str, Any], ckpt: Any) -> Path:
     missing = [k for k, v in required.items() if not _set(pc, k, v)]
     if missing:
         raise TideError(
-            f"this TensorRT-LLM's PluginConfig lacks {missing}; see docs/TRTLLM.md for tested versions"
+            f"this TensorRT-LLM's PluginConfig lacks {missing}; see docs/TRTLLM.md for the pinned versions "
+            "(pip install '.[trtllm]')"
         )
     _set(pc, "reduce_fusion", False)
     if not _set(pc, "paged_kv_cache", True):  # newer releases: BuildConfig.kv_cache_type

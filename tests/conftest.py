@@ -77,3 +77,19 @@ def random_prompts(n: int, vocab: int, seed: int, min_len: int = 2, max_len: int
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (n,), generator=gen).tolist()
     return [torch.randint(3, vocab, (n_,), generator=gen).tolist() for n_ in lengths]
+
+
+@pytest.fixture(scope="session")
+def tiny_oracle(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):
+    """An oracle EAGLE-3 draft for the tiny target (`tiny_checkpoint`): a real head overfitted on the target's own
+    greedy continuations of the scheduler and refit tests' prompts (tests/oracle_draft.py), saved as a normal
+    checkpoint. On those prompts it proposes what the target will emit, so τ is close to γ + 1."""
+    from tests.oracle_draft import TINY_ORACLE_MAX_NEW, build_oracle_draft, tiny_oracle_prompts
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster on a shared machine
+    try:
+        return build_oracle_draft(make_engine(tiny_checkpoint), tiny_oracle_prompts(), TINY_ORACLE_MAX_NEW,
+                                  tmp_path_factory.mktemp("tiny-oracle") / "draft", gamma=4)
+    finally:
+        torch.set_num_threads(n)

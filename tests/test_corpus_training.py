@@ -170,10 +170,10 @@ def test_training_raises_heldout_acceptance_on_learnable_data(tiny_checkpoint, t
     torch.manual_seed(0)
     head = new_head(engine, torch.arange(vocab))
     t2d = t2d_from_d2t(head.d2t, vocab)
-    before = evaluate_shards(head, t2d, held, "cpu", (3,))["3"]["tau"]
+    before = evaluate_shards(head, t2d, held, "cpu", (3,))["3"].tau
     s = CorpusTrainSettings(epochs=30, batch_size=4, chunk_len=32, lr=3e-3, autocast=False, warmup_steps=5)
     train_on_shards(head, t2d, train, s, tmp_path / "w", resume=False, meta={}, progress=False)
-    after = evaluate_shards(head, t2d, held, "cpu", (3,))["3"]["tau"]
+    after = evaluate_shards(head, t2d, held, "cpu", (3,))["3"].tau
     assert after > before + 0.3, (before, after)
 
 

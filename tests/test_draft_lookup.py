@@ -101,12 +101,10 @@ def test_default_model_greedy_identical_with_lookups(default_checkpoint, default
     assert sum(s.accepted_tokens for s in spec) > 0
 
 
-def test_negative_lookup_ngram_is_refused(tiny_checkpoint, tmp_path):
-    from tide_trt.draft.checkpoint import save_draft
+def test_negative_lookup_ngram_is_refused():
+    # the config is the one validator of draft.lookup_ngram (build_drafter takes the validated value)
+    from tide_trt.config import config_from_dict
     from tide_trt.errors import TideError
-    from tide_trt.runtime import build_drafter
 
-    engine = make_engine(tiny_checkpoint)
-    path = save_draft(new_head(engine, torch.arange(96)), tmp_path / "d", {})
     with pytest.raises(TideError, match="lookup_ngram"):
-        build_drafter(engine, path, lookup_ngram=-1)
+        config_from_dict({"draft": {"lookup_ngram": -1}})

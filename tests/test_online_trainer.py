@@ -29,9 +29,9 @@ from tide_trt.online.drift import DriftDetector
 from tide_trt.online.refit import RefitWatcher
 from tide_trt.online.signals import ShardInfo, SignalBuffer, read_shard
 from tide_trt.online.store import DraftStore, SignalStore
-from tide_trt.online.trainer import OnlineTrainer, chain_counts, gate_baseline, make_chunks
+from tide_trt.online.trainer import OnlineTrainer, gate_baseline, make_chunks
 from tide_trt.training.offline import new_head
-from tide_trt.training.ttt import collate, simulated_acceptance
+from tide_trt.training.ttt import ChainAcceptance, collate, simulated_acceptance
 from tide_trt.training.vocab import t2d_from_d2t
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -90,10 +90,8 @@ def config(tiny, tmp_path: Path, **trainer) -> TideConfig:
         poll_seconds=0.05,
     )
     tc.update(trainer)
-    cfg = TideConfig(trainer=TrainerConfig(**tc))
-    cfg.model.path = str(model)
-    cfg.signals.store_dir = str(store)
-    return cfg
+    return TideConfig(model=ModelConfig(path=str(model)), signals=SignalConfig(store_dir=str(store)),
+                      trainer=TrainerConfig(**tc))
 
 
 def test_losses_and_evaluation_match_the_training_module(tiny) -> None:
@@ -104,21 +102,24 @@ def test_losses_and_evaluation_match_the_training_module(tiny) -> None:
     t2d = t2d_from_d2t(head.d2t, 96)
     batch = collate(make_chunks(seqs, 64, train_on_prompt=True))
     batch.hidden = batch.hidden.float()
-    acc, trials, chains = chain_counts(head, batch, t2d, 3)
-    ref = simulated_acceptance(head, batch, t2d, 3)
-    # a target token outside the draft vocabulary is a miss at serving time: chain_counts keeps those chains
-    # (as misses), simulated_acceptance skips them
-    assert chains > ref["chains"] and acc == pytest.approx(ref["alpha"] * ref["chains"] * 3)
-    assert acc <= trials <= acc + chains
-    full = new_head(eng, torch.arange(96))  # full vocabulary: both count the same chains
+    # one evaluator (simulated_acceptance, formerly also chain_counts): a target token outside the draft vocabulary
+    # is a miss at serving time, so its chain counts (as a miss) instead of being skipped
+    r = simulated_acceptance(head, batch, t2d, 3)
+    pos = torch.arange(batch.tokens.shape[1])[None, :]
+    lab_next = torch.cat([batch.labels[:, 1:], torch.full_like(batch.labels[:, :1], -1)], dim=1)
+    base = (lab_next >= 0) & (pos < batch.lengths[:, None] - 4)
+    in_vocab = base & (t2d[lab_next.clamp(min=0)] >= 0)
+    assert r.chains == int(base.sum()) > int(in_vocab.sum())
+    assert r.accepted <= r.trials <= r.accepted + r.chains
+    assert r.alpha == pytest.approx(r.accepted / r.trials) and r.tau == pytest.approx(1 + r.accepted / r.chains)
+    full = new_head(eng, torch.arange(96))  # full vocabulary: every labelled base position is in the vocabulary
     t2d_full = t2d_from_d2t(full.d2t, 96)
-    acc, trials, chains = chain_counts(full, batch, t2d_full, 3)
-    ref = simulated_acceptance(full, batch, t2d_full, 3)
-    assert chains == ref["chains"] and acc / (chains * 3) == pytest.approx(ref["alpha"])
+    r = simulated_acceptance(full, batch, t2d_full, 3)
+    assert r.chains == int(base.sum()) and r.accepted_per_drafted == pytest.approx(r.accepted / (r.chains * 3))
 
 
 def test_gate_baseline_needs_enough_served_trials() -> None:
-    parent = {"p": 0.33, "trials": 384.0}
+    parent = ChainAcceptance(gamma=3, chains=300, accepted=0.33 * 384, trials=384.0)  # α = 0.33
     tc = TrainerConfig(gate_baseline="served", gate_min_served_trials=100)
     assert gate_baseline(tc, 0.39, 171, parent) == (0.39, "served", 171)  # Algorithm 1: what requests saw
     # speculation was off: 9 probe trials measure nothing, the old draft on the same held-out data decides
@@ -146,7 +147,7 @@ def test_round_publishes_an_improvement_and_consumes_its_shards(tiny, tmp_path) 
 
 def test_gate_rejects_without_improvement_and_pauses(tiny, tmp_path) -> None:
     cfg = config(tiny, tmp_path, steps_per_round=2)
-    cfg.signals.gate_min_gain = 0.99
+    cfg = replace(cfg, signals=replace(cfg.signals, gate_min_gain=0.99))
     rec = []
     OnlineTrainer(cfg, base_draft=tiny[2]).run(once=True, on_round=rec.append)
     assert not rec[0]["deploy"] and rec[0]["pause_collection"] and rec[0]["reason"] == "no_improvement"
@@ -288,8 +289,8 @@ def test_default_model_round(tmp_path) -> None:
             eval_fraction=0.3,
         )
     )
-    cfg.signals.store_dir = str(tmp_path / "signals")
-    cfg.engine.max_seq_len = 96
+    cfg = replace(cfg, signals=replace(cfg.signals, store_dir=str(tmp_path / "signals")),
+                  engine=replace(cfg.engine, max_seq_len=96))
     rec = []
     OnlineTrainer(cfg, base_draft=base).run(once=True, on_round=rec.append)
     assert len(rec) == 1 and 1 <= rec[0]["training"]["steps"] <= 2 and rec[0]["data"]["train_sequences"] >= 1

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tide_trt.config import EngineConfig, config_from_dict
 from tide_trt.engine.generator import SequenceState, SpeculativeGenerator, StepEvent
@@ -191,43 +191,38 @@ class CharTokenizer:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tide_trt.models.tiny import write_tiny_llama
+def tiny_dir(tiny_model_dir: Path) -> Path:
+    """The session's tiny random Llama (seed 0): the target the oracle draft (`tiny_oracle`) memorised."""
+    return tiny_model_dir
 
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
-
-def make_generator(tiny_dir: Path, slots: int, with_draft: bool = False) -> SpeculativeGenerator:
-    from tide_trt.draft.drafter import ChainDrafter
+def make_generator(tiny_dir: Path, slots: int, draft: Path | None = None) -> SpeculativeGenerator:
+    """The tiny engine (character tokenizer); `draft`: a draft checkpoint, loaded as the server loads one."""
     from tide_trt.engine.torch_engine import TorchTargetEngine
     from tide_trt.models.loader import load_checkpoint
-    from tide_trt.training.offline import new_head
+    from tide_trt.runtime import build_drafter
 
     cfg = EngineConfig(dtype="float32", max_batch_size=slots, max_seq_len=128, num_threads=1)
     engine = TorchTargetEngine(load_checkpoint(str(tiny_dir), ""), cfg, tokenizer=CharTokenizer())
-    drafter = None
-    if with_draft:
-        torch.manual_seed(0)
-        head = new_head(engine, torch.arange(engine.info.vocab_size))
-        drafter = ChainDrafter(head, slots, 128, torch.float32, "cpu")
+    drafter = build_drafter(engine, draft) if draft is not None else None
     return SpeculativeGenerator(engine, drafter)
 
 
-def make_service(tiny_dir: Path, slots: int = 2, max_queue: int = 8, with_draft: bool = False,
+def make_service(tiny_dir: Path, slots: int = 2, max_queue: int = 8, draft: Path | None = None,
                  plugins: Sequence = (), gamma: int = 0) -> TideService:  # fmt: skip
     cfg = config_from_dict({"serving": {"max_queue": max_queue, "max_tokens_limit": 64, "metrics_interval_s": 0.01}})
-    gen = make_generator(tiny_dir, slots, with_draft)
+    gen = make_generator(tiny_dir, slots, draft)
     return TideService(cfg, gen, StaticGamma(gamma), list(plugins)).start()
 
 
-def reference(tiny_dir: Path, prompt: str, max_tokens: int, gamma: int = 0) -> tuple[str, list[int]]:
-    """The engine run directly (SpeculativeGenerator, one request alone)."""
+def reference(tiny_dir: Path, prompt: str, max_tokens: int) -> tuple[str, list[int]]:
+    """Plain greedy decoding, the engine run directly (SpeculativeGenerator without a draft, one request alone)."""
     from tide_trt.runtime import make_request, run_to_completion
 
-    gen = make_generator(tiny_dir, 1, with_draft=gamma > 0)
+    gen = make_generator(tiny_dir, 1)
     tok = CharTokenizer()
     req = make_request("ref", tok.encode(prompt), max_tokens, SamplingParams(), gen.engine.info.eos_token_ids)
-    seq = run_to_completion(gen, [req], gamma).sequences[0]
+    seq = run_to_completion(gen, [req], 0).sequences[0]
     ids = [t for t in seq.output_ids if t not in gen.engine.info.eos_token_ids]
     return tok.decode(ids), seq.output_ids
 
@@ -269,17 +264,65 @@ def test_continuous_batching_matches_engine(tiny_dir: Path) -> None:
         svc.stop()
 
 
-def test_speculative_path_is_lossless_and_reports_perf(tiny_dir: Path) -> None:
-    svc = make_service(tiny_dir, slots=2, with_draft=True, gamma=3)
+class AcceptanceRecorder:
+    """Step plugin: what verification reported per request (StepEvent.num_draft / num_accepted, decode rows)."""
+
+    def __init__(self) -> None:
+        self.draft: dict[str, int] = defaultdict(int)
+        self.accepted: dict[str, int] = defaultdict(int)
+        self.new_tokens: dict[str, int] = defaultdict(int)  # tokens committed by verification steps
+        self.steps: dict[str, int] = defaultdict(int)  # verification steps
+
+    def before_step(self, generator: SpeculativeGenerator) -> None:
+        pass
+
+    def after_step(self, generator: SpeculativeGenerator, gamma: int, events: Sequence[StepEvent],
+                   seconds: float) -> None:  # fmt: skip
+        for ev in events:
+            if not ev.is_prefill:
+                self.draft[ev.request_id] += ev.num_draft
+                self.accepted[ev.request_id] += ev.num_accepted
+                self.new_tokens[ev.request_id] += len(ev.new_token_ids)
+                self.steps[ev.request_id] += 1
+
+    def on_finish(self, seq: SequenceState) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def test_speculative_path_is_lossless_and_reports_perf(tiny_dir: Path, tiny_oracle) -> None:
+    """The oracle draft (the target's own greedy continuations of PROMPTS) through the scheduler: two slots,
+    six requests joining mid-flight, γ = 3. Drafts must really be accepted (multi-token commits on every
+    serving path: streamed deltas, perf metrics, server stats) and the text must equal plain decoding."""
+    recorder = AcceptanceRecorder()
+    svc = make_service(tiny_dir, slots=2, draft=tiny_oracle.path, gamma=3, plugins=[recorder])
     try:
-        reqs = [ParsedRequest(p, 10, return_perf_metrics=True) for p in PROMPTS[:3]]
-        for r, s in zip(reqs, run_all(svc, reqs), strict=True):
-            text, ids = reference(tiny_dir, r.text, 10)
-            assert s.text == text  # greedy speculative == plain decoding
+        reqs = [ParsedRequest(p, 10, stream=i % 2 == 0, return_perf_metrics=True) for i, p in enumerate(PROMPTS)]
+        sinks = run_all(svc, reqs)
+        for r, s in zip(reqs, sinks, strict=True):
+            text, ids = reference(tiny_dir, r.text, r.max_tokens)
+            assert s.error is None and s.text == text  # greedy speculative == plain decoding
             perf = s.chunks[-1][1].perf
-            assert perf is not None and perf.total_draft_tokens > 0 and perf.num_output_tokens == len(ids)
-            assert perf.num_input_tokens == len(r.text) and perf.mean_accepted_len >= 1.0
-        assert svc.snapshot()["tide_draft_tokens_total"] > 0 and svc.snapshot()["tide_gamma"] == 3
+            assert perf is not None and perf.num_output_tokens == len(ids) and perf.num_input_tokens == len(r.text)
+            assert perf.mean_accepted_len > 1.5 and perf.total_accepted_draft_tokens > 0, (r.text, perf)
+            assert 0.5 < perf.acceptance_rate <= 1.0
+            if r.stream:  # several tokens arrived in one streamed delta: fewer chunks than tokens
+                assert 1 < len(s.chunks) < len(ids), (r.text, len(s.chunks), len(ids))
+        perfs = [s.chunks[-1][1].perf for s in sinks]
+        # what the step plugin saw (StepEvent) is what the requests reported
+        assert sum(p.total_accepted_draft_tokens for p in perfs) == sum(recorder.accepted.values())
+        assert sum(p.total_draft_tokens for p in perfs) == sum(recorder.draft.values())
+        assert sum(p.num_output_tokens - 1 for p in perfs) == sum(recorder.new_tokens.values())
+        assert sum(recorder.new_tokens.values()) / sum(recorder.steps.values()) > 1.5  # τ from the events
+        snap = wait_idle(svc)
+        assert snap["tide_draft_tokens_total"] > 0 and snap["tide_gamma"] == 3
+        assert snap["tide_accepted_draft_tokens_total"] == sum(recorder.accepted.values()) > 0
+        assert snap["tide_mean_accepted_len"] > 1.5 and snap["tide_acceptance_rate"] > 0.5, snap
     finally:
         svc.stop()
 

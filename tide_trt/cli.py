@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from tide_trt.errors import TideError
 
@@ -19,7 +20,7 @@ log = logging.getLogger("tide")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one clear line, exit 2 (argparse default prints usage too)
+    def error(self, message: str) -> NoReturn:  # one clear line, exit 2 (argparse default prints usage too)
         sys.stderr.write(f"tide: error: {message}\n")
         raise SystemExit(2)
 

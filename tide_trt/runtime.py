@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from tide_trt.config import TideConfig
 from tide_trt.draft.checkpoint import load_draft
@@ -20,7 +21,6 @@ log = logging.getLogger(__name__)
 SHIPPED_DRAFTS_DIR = Path(__file__).parent / "assets" / "drafts"  # one directory per named, released draft
 DEFAULT_DRAFT = "v4"  # the shipped draft that `draft.path: default` serves
 DEFAULT_DRAFT_DIR = SHIPPED_DRAFTS_DIR / DEFAULT_DRAFT
-GAMMA_MIN, GAMMA_MAX = 1, 8
 
 
 def shipped_drafts() -> dict[str, Path]:
@@ -46,25 +46,33 @@ def resolve_draft_path(path: str) -> Path | None:
 
 
 def build_engine(cfg: TideConfig) -> TargetEngine:
-    if cfg.engine.backend == "torch":
-        from tide_trt.engine.torch_engine import TorchTargetEngine
-
-        return TorchTargetEngine.from_config(cfg.model, cfg.engine)
+    """The target engine of `engine.backend` (torch | trtllm; the config validated the choice)."""
     if cfg.engine.backend == "trtllm":
         from tide_trt.engine.trtllm_engine import TrtllmTargetEngine
 
         return TrtllmTargetEngine.from_config(cfg.model, cfg.engine)
-    raise TideError(f"unknown engine.backend {cfg.engine.backend!r} (torch | trtllm)")
+    from tide_trt.engine.torch_engine import TorchTargetEngine
+
+    return TorchTargetEngine.from_config(cfg.model, cfg.engine)
 
 
 def build_drafter(engine: TargetEngine, draft_path: str | Path, lookup_ngram: int = 0) -> ChainDrafter:
     """Load + validate a draft checkpoint for this engine and wrap it in a serving drafter (`lookup_ngram` > 0:
-    n-gram lookup proposals where the sequence repeats itself, see draft/lookup.py)."""
-    if lookup_ngram < 0:
-        raise TideError(f"draft.lookup_ngram must be >= 0, got {lookup_ngram}")
+    n-gram lookup proposals where the sequence repeats itself, see draft/lookup.py; `draft.lookup_ngram`, validated
+    by the config)."""
     head, manifest = load_draft(draft_path, engine.info, engine.embedding_weight())
     return ChainDrafter.for_engine(head, engine.info, version=int(manifest.get("version", 0)),
                                    lookup_ngram=lookup_ngram)
+
+
+@runtime_checkable
+class TokenDecoder(Protocol):
+    """What turning generated ids back into text needs of a tokenizer (a Hugging Face tokenizer has it).
+
+    `TargetEngine.tokenizer` is typed `object`; `isinstance(tokenizer, TokenDecoder)` narrows it.
+    """
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str: ...
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = True) -> list[int]:

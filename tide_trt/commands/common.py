@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from tide_trt.config import TideConfig, load_config
 
@@ -16,13 +17,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TideConfig:
+    """The --config file with --model / --device / --dtype / --threads applied (validated like the YAML)."""
     cfg = load_config(args.config)
     if getattr(args, "model", None):
-        cfg.model.path = args.model
-    if getattr(args, "device", None):
-        cfg.engine.device = args.device
-    if getattr(args, "dtype", None):
-        cfg.engine.dtype = args.dtype
-    if getattr(args, "threads", None):
-        cfg.engine.num_threads = args.threads
-    return cfg
+        cfg = replace(cfg, model=replace(cfg.model, path=args.model))
+    engine = {k: getattr(args, a) for k, a in (("device", "device"), ("dtype", "dtype"), ("num_threads", "threads"))
+              if getattr(args, a, None)}
+    return replace(cfg, engine=replace(cfg.engine, **engine)) if engine else cfg

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 from tide_trt.commands.common import add_config_args, config_from_args
-from tide_trt.errors import TideError
+from tide_trt.errors import ConfigError, TideError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--mode", choices=["ar", "spec"], default="spec")
     p.add_argument("--draft", help="draft checkpoint dir (default: the shipped draft)")
-    p.add_argument("--gamma", type=int, default=None, help="draft length γ (1..8, default from config: 3)")
+    p.add_argument("--gamma", type=int, default=None, help="draft length γ (1..draft.gamma_max, default draft.gamma)")
     p.add_argument("--adaptive", action="store_true",
                    help="let the adaptive controller choose γ (0..gamma_max) every step from the profiled cost "
                         "model (the JSON then includes the controller state)")
@@ -32,8 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tide_trt.engine.generator import SpeculativeGenerator
     from tide_trt.runtime import (
-        GAMMA_MAX,
-        GAMMA_MIN,
+        TokenDecoder,
         build_drafter,
         build_engine,
         encode_prompt,
@@ -50,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
         raise TideError("--max-tokens must be >= 1")
     cfg = config_from_args(args)
     gamma = cfg.draft.gamma if args.gamma is None else args.gamma
-    if args.mode == "spec" and not GAMMA_MIN <= gamma <= GAMMA_MAX:
-        raise TideError(f"--gamma must be in [{GAMMA_MIN}, {GAMMA_MAX}], got {gamma}")
+    if args.mode == "spec":
+        try:
+            cfg = replace(cfg, draft=replace(cfg.draft, gamma=gamma))  # the config validates γ ∈ [1, gamma_max]
+        except ConfigError:
+            raise TideError(f"--gamma must be in [1, {cfg.draft.gamma_max}], got {gamma}") from None
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     sampling.validate()
     draft_path = None
@@ -62,11 +65,10 @@ def run(args: argparse.Namespace) -> int:
         from tide_trt.draft.checkpoint import read_draft_config
 
         read_draft_config(draft_path)  # fail fast on an unreadable draft before loading the target
-    cfg.engine.max_batch_size = 1
+    cfg = replace(cfg, engine=replace(cfg.engine, max_batch_size=1))
     engine = build_engine(cfg)
     drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram) if draft_path else None
     prompt_ids = encode_prompt(engine.tokenizer, args.prompt, chat=not args.raw)
-    cfg.engine.max_seq_len = max(cfg.engine.max_seq_len, len(prompt_ids) + args.max_tokens + 16)
     gen = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)
     req = make_request("cli", prompt_ids, args.max_tokens, sampling, engine.info.eos_token_ids)
     controller = None
@@ -75,13 +77,14 @@ def run(args: argparse.Namespace) -> int:
         from tide_trt.online.engine_profile import cached_engine_profile
 
         profile = cached_engine_profile(engine, drafter, cfg.draft.gamma_max)
-        cfg.controller.mode = "adaptive"
-        controller = ControllerPlugin(cfg.controller, profile, cfg.draft.gamma_max, gamma)
+        controller = ControllerPlugin(replace(cfg.controller, mode="adaptive"), profile, cfg.draft.gamma_max, gamma)
     result = run_with_policy(gen, [req], controller) if controller else run_to_completion(
         gen, [req], gamma if drafter else 0)
     seq = result.sequences[0]
     ids = seq.output_ids
-    text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+    tokenizer = engine.tokenizer
+    assert isinstance(tokenizer, TokenDecoder), f"{type(tokenizer).__name__} has no decode()"  # narrows `object`
+    text = tokenizer.decode(ids, skip_special_tokens=True)
     if args.json:
         out = {
             "text": text, "token_ids": ids, "num_output_tokens": len(ids), "num_prompt_tokens": len(prompt_ids),

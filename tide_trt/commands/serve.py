@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -28,7 +29,7 @@ import yaml
 
 from tide_trt.commands.common import add_config_args, config_from_args
 from tide_trt.config import TideConfig, config_to_dict
-from tide_trt.errors import ConfigError, TideError
+from tide_trt.errors import TideError
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _apply_args(cfg: TideConfig, args: argparse.Namespace) -> None:
-    s = cfg.serving
-    for attr in ("host", "http_port", "grpc_port", "metrics_port", "tritonserver"):
-        value = getattr(args, attr, None)
-        if value is not None:
-            setattr(s, attr, value)
-    ports = [s.http_port, s.grpc_port, s.metrics_port]
-    if any(not 0 < p < 65536 for p in ports) or len(set(ports)) != 3:
-        raise ConfigError(f"HTTP, gRPC and metrics ports must be three distinct ports in 1..65535, got {ports}")
+def _apply_args(cfg: TideConfig, args: argparse.Namespace) -> TideConfig:
+    """cfg with the command-line serving options applied (ports etc. validated by the config)."""
+    changes = {attr: getattr(args, attr) for attr in ("host", "http_port", "grpc_port", "metrics_port", "tritonserver")
+               if getattr(args, attr, None) is not None}
+    return replace(cfg, serving=replace(cfg.serving, **changes))
 
 
 def instance_group(cfg: TideConfig) -> str:
     """The `instance_group` line for config.pbtxt from serving.instance_kind / engine.device."""
-    kind = cfg.serving.instance_kind.lower()
-    if kind not in ("auto", "cpu", "gpu"):
-        raise ConfigError(f"serving.instance_kind must be auto | cpu | gpu, got {cfg.serving.instance_kind!r}")
+    kind = cfg.serving.instance_kind
     device = cfg.engine.device
     if kind == "gpu" or (kind == "auto" and device.startswith("cuda")):
         index = device.split(":", 1)[1] if ":" in device else "0"
@@ -155,8 +150,7 @@ def _late_signal(signum: int, frame: FrameType | None) -> None:
 def run(args: argparse.Namespace) -> int:
     from tide_trt.serving.tritonserver import TritonServer, check_port_free, find_tritonserver
 
-    cfg = config_from_args(args)
-    _apply_args(cfg, args)
+    cfg = _apply_args(config_from_args(args), args)
     _preflight(cfg)
     s = cfg.serving
     for port in (s.http_port, s.grpc_port, s.metrics_port):

@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TypedDict, final
 
 from tide_trt.config import load_config
 
@@ -21,6 +22,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=run_ls)
 
 
+@final  # final: `"error" in row` then tells the two row kinds apart
+class _ShardRow(TypedDict):
+    shard: str
+    sequences: int
+    tokens: int
+    label_tokens: int
+    bytes: int
+    dtype: str | None
+    created: float
+    consumed: bool
+
+
+@final
+class _UnreadableRow(TypedDict):
+    shard: str
+    error: str
+    bytes: int
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -32,28 +52,28 @@ def run_ls(args: argparse.Namespace) -> int:
     store = SignalStore(args.store or cfg.signals.store_dir)
     drafts = DraftStore(args.drafts or cfg.trainer.drafts_dir)
     consumed: set[str] = set()
-    for r in drafts.rounds():
-        consumed.update(r.get("shards", []))
-    rows = []
+    for rnd in drafts.rounds():
+        consumed.update(rnd.get("shards", []))
+    rows: list[_ShardRow | _UnreadableRow] = []
     for p in store.shard_paths():
         try:
             h = SignalStore.header(p)
         except Exception as exc:  # listing must survive a corrupt shard
-            rows.append({"shard": p.name, "error": str(exc), "bytes": p.stat().st_size})
+            rows.append(_UnreadableRow(shard=p.name, error=str(exc), bytes=p.stat().st_size))
             continue
         rows.append(
-            {
-                "shard": p.name,
-                "sequences": int(h.get("num_sequences", 0)),
-                "tokens": int(h.get("num_tokens", 0)),
-                "label_tokens": int(h.get("num_label_tokens", 0)),
-                "bytes": p.stat().st_size,
-                "dtype": h.get("dtype"),
-                "created": float(h.get("created", 0)),
-                "consumed": p.name in consumed,
-            }
+            _ShardRow(
+                shard=p.name,
+                sequences=int(h.get("num_sequences", 0)),
+                tokens=int(h.get("num_tokens", 0)),
+                label_tokens=int(h.get("num_label_tokens", 0)),
+                bytes=p.stat().st_size,
+                dtype=h.get("dtype"),
+                created=float(h.get("created", 0)),
+                consumed=p.name in consumed,
+            )
         )
-    ok = [r for r in rows if "error" not in r]
+    ok: list[_ShardRow] = [r for r in rows if "error" not in r]
     total = {
         "shards": len(rows),
         "sequences": sum(r["sequences"] for r in ok),

@@ -7,8 +7,9 @@ import json
 import logging
 import signal
 import threading
+from dataclasses import replace
 
-from tide_trt.config import load_config
+from tide_trt.config import TideConfig, load_config
 from tide_trt.errors import TideError
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _apply_overrides(cfg, args: argparse.Namespace) -> None:
+def _apply_overrides(cfg: TideConfig, args: argparse.Namespace) -> TideConfig:
+    """cfg with the command-line overrides applied (validated by the config)."""
     overrides = {
         ("signals", "store_dir"): args.store,
         ("trainer", "drafts_dir"): args.drafts,
@@ -44,9 +46,11 @@ def _apply_overrides(cfg, args: argparse.Namespace) -> None:
         ("trainer", "steps_per_round"): args.steps_per_round,
         ("trainer", "poll_seconds"): args.poll_seconds,
     }
+    changes: dict[str, dict[str, object]] = {}
     for (section, key), value in overrides.items():
         if value is not None:
-            setattr(getattr(cfg, section), key, value)
+            changes.setdefault(section, {})[key] = value
+    return replace(cfg, **{section: replace(getattr(cfg, section), **kv) for section, kv in changes.items()})
 
 
 def _base_draft(cfg, explicit: str | None) -> str | None:
@@ -65,8 +69,7 @@ def _base_draft(cfg, explicit: str | None) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from tide_trt.online.trainer import OnlineTrainer
 
-    cfg = load_config(args.config)
-    _apply_overrides(cfg, args)
+    cfg = _apply_overrides(load_config(args.config), args)
     if cfg.trainer.min_new_tokens < 1 or cfg.trainer.steps_per_round < 1:
         raise TideError("--min-new-tokens and --steps-per-round must be >= 1")
     stop = threading.Event()

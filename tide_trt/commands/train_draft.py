@@ -8,6 +8,7 @@ import logging
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tide_trt.commands.common import add_config_args, config_from_args
@@ -131,8 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if args.num_conversations < 2 or not 0 < args.eval_fraction < 0.5:
         raise TideError("need --num-conversations >= 2 and 0 < --eval-fraction < 0.5")
     cfg = config_from_args(args)
-    cfg.engine.max_batch_size = 4 if args.data == "text" else args.gen_batch
-    cfg.engine.max_seq_len = args.max_len + 8 + (args.max_new_tokens if args.data == "regenerate" else 0)
+    cfg = replace(cfg, engine=replace(cfg.engine, max_batch_size=4 if args.data == "text" else args.gen_batch,
+                                      max_seq_len=args.max_len + 8 + (args.max_new_tokens
+                                                                      if args.data == "regenerate" else 0)))
     torch.manual_seed(args.seed)
     engine = TorchTargetEngine.from_config(cfg.model, cfg.engine)
     t0 = time.time()
@@ -174,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
                  "train_tokens": history["train_tokens"], "heldout_sequences": n_eval, "seed": args.seed},
         "draft_vocab_coverage": coverage, "ttt_steps": args.ttt_steps, "epochs": args.epochs,
         "prefill_seconds": prefill_s, "train_seconds": history["seconds"],
-        "heldout_acceptance": {str(g): r for g, r in report.items()}, "eval_acceptance": report[3]["alpha"],
+        "heldout_acceptance": {str(g): r.as_dict() for g, r in report.items()}, "eval_acceptance": report[3].alpha,
         "model_name": engine.info.name, "dtype_of_signals": cfg.engine.dtype,
     }
     head.to(torch.bfloat16)

@@ -117,8 +117,8 @@ def run_corpus(args: argparse.Namespace) -> int:
                  "draft_vocab": int(head.d2t.numel())}
     def epoch_eval(epoch: int, h) -> dict:
         r = evaluate_shards(h, t2d, heldout, device, (3,), max_sequences=args.eval_sequences)["3"]
-        log.info("after epoch %d: held-out τ(γ=3) %.3f, p %.3f", epoch + 1, r["tau"], r["p"])
-        return {"tau_gamma3": r["tau"], "p_gamma3": r["p"]}
+        log.info("after epoch %d: held-out τ(γ=3) %.3f, α %.3f", epoch + 1, r.tau, r.alpha)
+        return {"tau_gamma3": r.tau, "alpha_gamma3": r.alpha}
 
     history = train_on_shards(head, t2d, train, settings, work, resume=args.resume, meta=data_meta,
                               max_seconds=args.max_train_seconds, max_steps=args.max_train_steps,
@@ -140,11 +140,12 @@ def run_corpus(args: argparse.Namespace) -> int:
                  "train_positions": history["train_positions"], "corpus_positions": history["corpus_positions"]},
         "settings": dataclasses.asdict(settings), "draft_vocab_coverage": coverage, "ttt_steps": args.ttt_steps,
         "epochs": args.epochs, "prefill_seconds": prefill_s, "train_seconds_last_run": history["seconds_this_run"],
-        "heldout_acceptance": report, "heldout_by_epoch": history["epoch_evals"],
-        "eval_acceptance": report[str(args.eval_gammas[0])]["p"],
+        "heldout_acceptance": {g: r.as_dict() for g, r in report.items()}, "heldout_by_epoch": history["epoch_evals"],
+        "eval_acceptance": report[str(args.eval_gammas[0])].alpha,
         "model_name": info.name, "dtype_of_signals": cfg.engine.dtype,
     }
     head.to("cpu", torch.bfloat16)
     out = save_draft(head, args.out, manifest)
-    print(json.dumps({"out": str(out), "heldout": report, "coverage": coverage, **history}, indent=2))
+    print(json.dumps({"out": str(out), "heldout": manifest["heldout_acceptance"], "coverage": coverage, **history},
+                     indent=2))
     return 0

@@ -1,32 +1,44 @@
-"""The speculative step loop over a running batch: prefill new sequences, then one draft -> verify round.
+"""The engine core every front end drives (CLI, Triton scheduler, benchmarks): one flat step per call.
 
-This is the engine core every front end drives (CLI, Triton scheduler, benchmarks). Each `step(gamma)`:
-  1. prefills sequences that joined since the last step (their first token is sampled from the target);
-  2. for running sequences: the drafter proposes γ tokens (γ = 0 -> plain decoding, no draft cost), the target
-     verifies [pending, d_1..d_γ] in one forward pass returning logits and capture-layer hidden states,
-     verification keeps accepted + recovered/bonus tokens, the target KV cache is rolled back to the kept
-     prefix, and the hidden states of committed positions go to the signal sink (TIDE's training data).
+Each `step(gamma)` plans one `StepBatch` under the engine's token budget (`engine.max_num_tokens`):
+  1. decode/verification rows first, one per running sequence: the pending token plus γᵢ drafts (γᵢ = 0 is plain
+     decoding; a probe drafts on a few rows only; γᵢ is capped by the room left in the row's context);
+  2. then prompt chunks: sequences still being prefilled take what is left of the budget, in arrival order, so a
+     long prompt is prefilled across several steps while the others keep decoding.
+One target forward runs the whole batch and returns logits where they are used plus the capture-layer states of
+every new token. One verification (`mixed_verify` with per-row draft lengths) turns every row with logits into
+output tokens: accepted drafts + a recovered or bonus token, or the first token of a prompt that just completed.
+The commit rolls the target KV cache back to the kept prefix and hands the capture states of committed positions
+to the signal sink (TIDE's training data).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from tide_trt.config import DraftConfig
 from tide_trt.draft.drafter import ChainDrafter, DraftSampling
 from tide_trt.engine.base import TargetEngine
-from tide_trt.errors import RequestError
-from tide_trt.spec.sampling import SamplingParams, logits_to_probs, make_generator, sample_from_probs
+from tide_trt.engine.step_batch import StepBatch, StepOutput, StepRow
+from tide_trt.errors import RequestError, TideError
+from tide_trt.spec.sampling import SamplingParams, make_generator
 from tide_trt.spec.verify import mixed_verify
 
 log = logging.getLogger(__name__)
 
 # (request_id, first position, hidden [n, C, H], token ids [n] at those positions, is_prompt)
 SignalSink = Callable[[str, int, torch.Tensor, list[int], bool], None]
+
+
+class _Proposal(NamedTuple):
+    tokens: dict[int, list[int]]  # slot -> γmax draft tokens
+    probs: torch.Tensor | None  # [D, γmax, V] draft distributions in `order` (stochastic batches)
+    order: list[int]  # slots of the drafting rows
 
 
 @dataclass
@@ -38,13 +50,14 @@ class GenerationRequest:
     stop_token_ids: tuple[int, ...] = ()
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: a sequence is itself, whatever its fields hold
 class SequenceState:
     request: GenerationRequest
     slot: int
     generator: torch.Generator | None
     tokens: list[int]  # prompt + output; the last one is pending (not yet in the target cache)
     num_prompt: int
+    num_computed: int = 0  # prompt tokens in the target cache (chunked prefill progress)
     prefilled: bool = False
     finished: bool = False
     finish_reason: str | None = None
@@ -73,6 +86,33 @@ class StepEvent:
     is_prefill: bool = False
 
 
+# a step's prompt chunks take at least this share of the token budget while prompts wait (decode rows then draft less)
+PREFILL_RESERVE = 0.25
+
+
+def plan_prompt_chunks(waiting: list[SequenceState], budget: int) -> list[tuple[SequenceState, int]]:
+    """Split a step's prefill budget among prompts still being prefilled (arrival order): the oldest gets at least
+    half of it (no prompt starves), prompts that fit entirely in what is left complete now (a short request is not
+    queued behind a long one), and any remainder extends the oldest chunks. Returns (sequence, chunk length)."""
+    if not waiting or budget <= 0:
+        return []
+    remaining = {id(s): s.num_prompt - s.num_computed for s in waiting}
+    take = {id(waiting[0]): min(remaining[id(waiting[0])], max(1, budget // 2))}
+    left = budget - take[id(waiting[0])]
+    for s in waiting[1:]:
+        if remaining[id(s)] <= left:
+            take[id(s)] = remaining[id(s)]
+            left -= remaining[id(s)]
+    for s in waiting:
+        if left <= 0:
+            break
+        extra = min(remaining[id(s)] - take.get(id(s), 0), left)
+        if extra > 0:
+            take[id(s)] = take.get(id(s), 0) + extra
+            left -= extra
+    return [(s, take[id(s)]) for s in waiting if take.get(id(s), 0) > 0]
+
+
 class SpeculativeGenerator:
     def __init__(self, engine: TargetEngine, drafter: ChainDrafter | None = None,
                  signal_sink: SignalSink | None = None,
@@ -84,6 +124,10 @@ class SpeculativeGenerator:
         # prompt, it restarts on the last ones instead of a draft prefill over the whole context
         self.catch_up_window = max(int(catch_up_window), 0)
         info = engine.info
+        self.max_num_tokens = int(getattr(engine, "max_num_tokens", 1 << 30))
+        if self.max_num_tokens < info.max_batch_size:
+            raise TideError(f"the engine's token budget max_num_tokens={self.max_num_tokens} is below its "
+                            f"max_batch_size={info.max_batch_size}: a step could not carry every running sequence")
         self.sequences: dict[str, SequenceState] = {}
         # capture-layer states of every cached target position, per slot (draft catch-up and refit re-feed)
         self.history = torch.zeros(info.max_batch_size, info.max_seq_len, len(info.capture_layers),
@@ -139,55 +183,57 @@ class SpeculativeGenerator:
         return len(self.sequences)
 
     # ---- one engine step ----------------------------------------------------------------------------------
-    def step(self, gamma: int, drafting: Collection[str] | None = None) -> list[StepEvent]:
+    def step(self, gamma: int, drafting: Collection[str] | None = None,
+             gammas: Mapping[str, int] | None = None) -> list[StepEvent]:
         """One engine step at draft length γ. `drafting`: the request ids that draft this step (None: all);
-        the others decode one token in the same target pass (a controller's probe of a few requests)."""
-        events: list[StepEvent] = []
-        new = sorted((s for s in self.sequences.values() if not s.prefilled and not s.finished),
-                     key=lambda s: s.slot)
-        if new:
-            events.extend(self._prefill(new))
-        running = sorted((s for s in self.sequences.values() if s.prefilled and not s.finished and s not in new),
+        the others decode one token in the same target pass (a controller's probe of a few requests).
+        `gammas`: per-request draft lengths overriding γ for the listed requests."""
+        running = sorted((s for s in self.sequences.values() if s.prefilled and not s.finished),
                          key=lambda s: s.slot)
-        if running:
-            gamma = self._cap_gamma(running, gamma)
-            chosen = running if drafting is None else [s for s in running if s.request.request_id in drafting]
-            if gamma > 0 and self.drafter is not None and chosen:
-                events.extend(self._speculate(running, chosen, gamma))
-            else:
-                events.extend(self._plain(running))
-        return events
+        waiting = [s for s in self.sequences.values() if not s.prefilled and not s.finished]  # arrival order
+        row_gammas = self._row_gammas(running, gamma, drafting, gammas, prefill_waiting=bool(waiting))
+        chunks = plan_prompt_chunks(waiting, self.max_num_tokens - sum(g + 1 for g in row_gammas))
+        if not running and not chunks:
+            return []
+        proposal = self._propose(running, row_gammas)
+        rows = [StepRow(s.slot, len(s.tokens) - 1, (s.tokens[-1], *proposal.tokens.get(s.slot, [])[:g]), gamma=g)
+                for s, g in zip(running, row_gammas, strict=True)]
+        for s, n in chunks:
+            done = s.num_computed + n == s.num_prompt
+            rows.append(StepRow(s.slot, s.num_computed, tuple(s.tokens[s.num_computed:s.num_computed + n]),
+                                is_prompt=True, num_logits=1 if done else 0))
+        batch = StepBatch.build(rows, self.engine.info.device)
+        out = self.engine.forward_step(batch)  # logits [M, V], hidden [N, C, H]
+        return self._commit_step(batch, out, running, row_gammas, chunks, proposal)
 
-    def _cap_gamma(self, running: list[SequenceState], gamma: int) -> int:
-        room = min(self.engine.info.max_seq_len - len(s.tokens) for s in running)  # verify needs gamma+1
-        return max(0, min(gamma, room))
+    def _row_gammas(self, running: list[SequenceState], gamma: int, drafting: Collection[str] | None,
+                    overrides: Mapping[str, int] | None, prefill_waiting: bool) -> list[int]:
+        """Draft length of each running row: γ (or its override) where it drafts, capped by the room left in its
+        context (verification needs γᵢ + 1 positions) and, together, by the step's token budget."""
+        if self.drafter is None or not running:
+            return [0] * len(running)
+        max_seq = self.engine.info.max_seq_len
+        out = []
+        for s in running:
+            rid = s.request.request_id
+            g = gamma if drafting is None or rid in drafting else 0
+            if overrides is not None and rid in overrides:
+                g = overrides[rid]
+            out.append(max(0, min(g, max_seq - len(s.tokens))))
+        limit = self.max_num_tokens
+        if prefill_waiting:
+            limit -= int(self.max_num_tokens * PREFILL_RESERVE)
+        limit = max(limit, len(running))
+        while sum(out) + len(out) > limit:  # shorten the longest drafts first
+            out[max(range(len(out)), key=lambda i: out[i])] -= 1
+        return out
 
-    def _prefill(self, seqs: list[SequenceState]) -> list[StepEvent]:
-        out = self.engine.forward([s.slot for s in seqs], [s.tokens for s in seqs], logits="last")
-        first = self._sample_rows(out.logits[:, 0], seqs)  # [B]
-        events = []
-        for b, s in enumerate(seqs):
-            n = len(s.tokens)
-            self._record(s, 0, out.hidden[b, :n], s.tokens[:n], is_prompt=True)
-            s.prefilled = True
-            events.append(self._commit(s, [int(first[b])], 0, 0, is_prefill=True))
-        return events
-
-    def _plain(self, seqs: list[SequenceState]) -> list[StepEvent]:
-        starts = [len(s.tokens) - 1 for s in seqs]
-        out = self.engine.forward([s.slot for s in seqs], [[s.tokens[-1]] for s in seqs], logits="last")
-        nxt = self._sample_rows(out.logits[:, 0], seqs)
-        events = []
-        for b, s in enumerate(seqs):
-            self._record(s, starts[b], out.hidden[b, :1], [s.tokens[-1]], is_prompt=False)
-            s.steps += 1
-            events.append(self._commit(s, [int(nxt[b])], 0, 0))
-        return events
-
-    def _speculate(self, seqs: list[SequenceState], drafting: list[SequenceState], gamma: int) -> list[StepEvent]:
-        """Draft γ tokens for `drafting` (a subset of seqs, in slot order), verify them and decode the other
-        sequences' next token in one target pass."""
+    def _propose(self, running: list[SequenceState], row_gammas: list[int]) -> _Proposal:
+        drafting = [s for s, g in zip(running, row_gammas, strict=True) if g > 0]
+        if not drafting:
+            return _Proposal({}, None, [])
         drafter = self.drafter
+        gmax = max(row_gammas)
         pend_h, pend_t = [], []
         window = self.catch_up_window
         for s in drafting:
@@ -199,41 +245,70 @@ class SpeculativeGenerator:
             pend_t.append(s.tokens[lo + 1: hi + 1])
         sampling = self._draft_sampling(drafting)
         histories = [s.tokens for s in drafting] if drafter.lookup_ngram > 0 else None
-        proposal = drafter.propose([s.slot for s in drafting], pend_h, pend_t, gamma, sampling, histories)
-        draft_slots = {s.slot for s in drafting}
-        spec_idx = [b for b, s in enumerate(seqs) if s.slot in draft_slots]  # rows of `drafting` within seqs
-        plain_idx = [b for b, s in enumerate(seqs) if s.slot not in draft_slots]
-        chunks = [[s.tokens[-1]] for s in seqs]
-        for b, row in zip(spec_idx, proposal.tokens.tolist(), strict=True):
-            chunks[b] += row
-        starts = [len(s.tokens) - 1 for s in seqs]
-        out = self.engine.forward([s.slot for s in seqs], chunks, logits="all")  # logits [B, gamma+1, V]
-        if sampling is None:
-            temp = top_p = top_k = torch.zeros(len(drafting))
-            gens: list = [None] * len(drafting)
-        else:
-            temp, top_p, top_k, gens = sampling.temperature, sampling.top_p, sampling.top_k, sampling.generators
-        logits = out.logits if not plain_idx else out.logits[spec_idx]  # [k, gamma+1, V]
-        result = mixed_verify(proposal.tokens, proposal.probs, logits, temp, top_p, top_k, gens)
-        accepted = [0] * len(seqs)
-        new_ids: list[list[int]] = [[] for _ in seqs]
-        for j, b in enumerate(spec_idx):
-            accepted[b] = int(result.num_accepted[j])
-            new_ids[b] = result.output_ids[j, : int(result.num_output[j])].tolist()
-        if plain_idx:
-            nxt = self._sample_rows(out.logits[plain_idx, 0], [seqs[b] for b in plain_idx])  # [B - k]
-            for b, t in zip(plain_idx, nxt.tolist(), strict=True):
-                new_ids[b] = [t]
-        events = []
-        for b, s in enumerate(seqs):
-            k = accepted[b]
-            drafted = gamma if s.slot in draft_slots else 0
-            self.engine.truncate(s.slot, starts[b] + k + 1)  # keep pending + accepted drafts
-            self._record(s, starts[b], out.hidden[b, : k + 1], chunks[b][: k + 1], is_prompt=False)
+        proposal = drafter.propose([s.slot for s in drafting], pend_h, pend_t, gmax, sampling, histories)
+        tokens = proposal.tokens.tolist()
+        return _Proposal({s.slot: tokens[j] for j, s in enumerate(drafting)}, proposal.probs,
+                         [s.slot for s in drafting])
+
+    def _commit_step(self, batch: StepBatch, out: StepOutput, running: list[SequenceState], row_gammas: list[int],
+                     chunks: list[tuple[SequenceState, int]], proposal: _Proposal) -> list[StepEvent]:
+        """Verify every row that has logits (decode/verification rows, completed prompts) in one call, then commit."""
+        token_lo = [0]
+        for row in batch.rows:
+            token_lo.append(token_lo[-1] + len(row.tokens))
+        logit_lo = batch.logit_offsets()
+        completed = [(r, s) for r, (s, n) in enumerate(chunks, start=len(running))
+                     if s.num_computed + n == s.num_prompt]
+        verify_rows = list(enumerate(running)) + completed
+        events: list[StepEvent] = []
+        new_ids: dict[int, list[int]] = {}
+        accepted: dict[int, int] = {}
+        if verify_rows:
+            gmax = max(row_gammas, default=0)
+            gam = [batch.rows[r].gamma for r, _ in verify_rows]
+            # target logits [K, gmax+1, V]: row r's logits, the last one repeated past its own γᵢ + 1
+            index = torch.tensor([logit_lo[r] + min(j, batch.rows[r].logit_count - 1)
+                                  for r, _ in verify_rows for j in range(gmax + 1)], dtype=torch.long,
+                                 device=out.logits.device)
+            target = out.logits[index].view(len(verify_rows), gmax + 1, -1)
+            drafts = torch.zeros(len(verify_rows), gmax, dtype=torch.long)  # [K, gmax]
+            draft_probs = None
+            if proposal.probs is not None:
+                draft_probs = torch.zeros(len(verify_rows), gmax, proposal.probs.shape[-1])  # [K, gmax, V]
+            prow = {slot: j for j, slot in enumerate(proposal.order)}
+            for k, (r, s) in enumerate(verify_rows):
+                g = batch.rows[r].gamma
+                if g:
+                    drafts[k, :g] = torch.tensor(proposal.tokens[s.slot][:g])
+                    if draft_probs is not None:
+                        draft_probs[k, :g] = proposal.probs[prow[s.slot], :g]
+            seqs = [s for _, s in verify_rows]
+            params = [s.request.sampling for s in seqs]
+            result = mixed_verify(drafts, draft_probs, target, torch.tensor([p.temperature for p in params]),
+                                  torch.tensor([p.top_p for p in params]), torch.tensor([p.top_k for p in params]),
+                                  [s.generator for s in seqs], gam)
+            ids, counts = result.output_ids.tolist(), result.num_output.tolist()
+            for k, (r, _) in enumerate(verify_rows):
+                new_ids[r] = ids[k][:counts[k]]
+                accepted[r] = counts[k] - 1
+        for r, s in enumerate(running):
+            row = batch.rows[r]
+            k = accepted[r]
+            self.engine.truncate(s.slot, row.start + k + 1)  # keep pending + accepted drafts
+            lo = token_lo[r]
+            self._record(s, row.start, out.hidden[lo:lo + k + 1], list(row.tokens[:k + 1]), is_prompt=False)
             s.steps += 1
-            s.draft_tokens += drafted
+            s.draft_tokens += row.gamma
             s.accepted_tokens += k
-            events.append(self._commit(s, new_ids[b], drafted, k))
+            events.append(self._commit(s, new_ids[r], row.gamma, k))
+        for r, (s, n) in enumerate(chunks, start=len(running)):
+            row = batch.rows[r]
+            lo = token_lo[r]
+            self._record(s, row.start, out.hidden[lo:lo + n], list(row.tokens), is_prompt=True)
+            s.num_computed += n
+            if r in new_ids:
+                s.prefilled = True
+                events.append(self._commit(s, new_ids[r], 0, 0, is_prefill=True))
         return events
 
     # ---- helpers ------------------------------------------------------------------------------------------
@@ -261,20 +336,12 @@ class SpeculativeGenerator:
             if len(s.output_ids) + len(kept) >= req.max_new_tokens:
                 s.finished, s.finish_reason = True, "length"
                 break
+            if len(s.tokens) + len(kept) >= self.engine.info.max_seq_len:  # a bonus token past the context: dropped
+                s.finished, s.finish_reason = True, "context"
+                break
         s.tokens.extend(kept)
-        if not s.finished and len(s.tokens) >= self.engine.info.max_seq_len:
-            s.finished, s.finish_reason = True, "context"
         return StepEvent(req.request_id, tuple(kept), s.finished, s.finish_reason, num_draft, num_accepted,
                          is_prefill)
-
-    def _sample_rows(self, logits: torch.Tensor, seqs: list[SequenceState]) -> torch.Tensor:
-        """logits [B, V] -> next token [B] with each sequence's own sampling parameters."""
-        if all(s.request.sampling.is_greedy for s in seqs):
-            return logits.argmax(-1)
-        p = [s.request.sampling for s in seqs]
-        probs = logits_to_probs(logits, torch.tensor([x.temperature for x in p]),
-                                torch.tensor([x.top_p for x in p]), torch.tensor([x.top_k for x in p]))
-        return sample_from_probs(probs, [s.generator for s in seqs])
 
     def _draft_sampling(self, seqs: list[SequenceState]) -> DraftSampling | None:
         if all(s.request.sampling.is_greedy for s in seqs):

@@ -7,7 +7,8 @@ The scheduler (serving) or a benchmark loop calls, around every `SpeculativeGene
     events = generator.step(gamma, drafting)
     for p in plugins: p.after_step(generator, gamma, events, seconds)
     for each finished sequence: p.on_finish(seq) (before the slot is released)
-`metrics()` returns flat name -> value pairs for Prometheus and server stats.
+`metrics()` returns flat name -> value pairs for Prometheus and server stats; `close()` is called once when the
+server (or benchmark) stops: flush and stop background threads.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class StepPlugin(Protocol):
     def on_finish(self, seq: SequenceState) -> None: ...
 
     def metrics(self) -> dict[str, float]: ...
+
+    def close(self) -> None:
+        """Release resources (flush buffers, stop threads); called once at shutdown."""
 
 
 class GammaPolicy(Protocol):

@@ -85,6 +85,21 @@ class KVCache:
             return kc[lo:hi, :, :lay.key_len], vc[lo:hi, :, :lay.key_len]
         return kc[lay.slots, :, :lay.key_len], vc[lay.slots, :, :lay.key_len]
 
+    def write_tokens(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """Store the k/v [N, Hkv, D] of N flat tokens at (slots[i], positions[i]) ([N] int64 each)."""
+        self.k[layer][slots, :, positions] = k
+        self.v[layer][slots, :, positions] = v
+
+    def read(self, layer: int, slots: torch.Tensor, slot_range: tuple[int, int] | None, key_len: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values [G, Hkv, key_len, D] of `slots` [G] (views when they are the contiguous `slot_range`)."""
+        kc, vc = self.k[layer], self.v[layer]
+        if slot_range is not None:
+            lo, hi = slot_range
+            return kc[lo:hi, :, :key_len], vc[lo:hi, :, :key_len]
+        return kc[slots, :, :key_len], vc[slots, :, :key_len]
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot src into slot dst (slot compaction)."""
         for kc, vc in zip(self.k, self.v, strict=False):

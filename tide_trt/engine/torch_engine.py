@@ -7,8 +7,9 @@ import logging
 import torch
 
 from tide_trt.config import EngineConfig, ModelConfig
-from tide_trt.engine.base import DTYPES, ForwardOutput, ModelInfo, TargetEngine, default_capture_layers
+from tide_trt.engine.base import DTYPES, ModelInfo, TargetEngine, default_capture_layers
 from tide_trt.engine.kv_cache import KVCache
+from tide_trt.engine.step_batch import StepBatch, StepOutput
 from tide_trt.errors import TideError
 from tide_trt.models.llama import LlamaModel, LlamaWeights
 from tide_trt.models.loader import LoadedCheckpoint, load_checkpoint, load_tokenizer
@@ -23,9 +24,8 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def use_native_linears(cfg: EngineConfig) -> bool:
-    """bf16 weights on CPU run in the native kernel with float32 activations, unless turned off or unbuildable."""
-    if cfg.cpu_kernels not in ("auto", "off"):
-        raise TideError(f"engine.cpu_kernels must be 'auto' or 'off', got {cfg.cpu_kernels!r}")
+    """bf16 weights on CPU run in the native kernel with float32 activations, unless turned off or unbuildable
+    (`engine.cpu_kernels` is auto | off, validated by the config)."""
     if cfg.cpu_kernels == "off" or cfg.device != "cpu" or cfg.dtype != "bfloat16":
         return False
     from tide_trt.kernels.linear import native_linears_available
@@ -68,6 +68,9 @@ class TorchTargetEngine(TargetEngine):
         )
         log.info("torch engine: %s weights, %s activations%s", cfg.dtype, str(compute).removeprefix("torch."),
                  " (native CPU kernel)" if native else "")
+        if cfg.max_num_tokens < 1:
+            raise TideError(f"engine.max_num_tokens must be >= 1, got {cfg.max_num_tokens}")
+        self.max_num_tokens = cfg.max_num_tokens
         self._lengths = [0] * cfg.max_batch_size
         self._free = list(range(cfg.max_batch_size - 1, -1, -1))  # pop() hands out low slots first
 
@@ -114,26 +117,17 @@ class TorchTargetEngine(TargetEngine):
         self._lengths[slot] = length
 
     # --- compute -----------------------------------------------------------------------------------------
-    def forward(self, slots: list[int], tokens: list[list[int]], logits: str = "last") -> ForwardOutput:
-        counts = [len(t) for t in tokens]
-        if not slots or len(slots) != len(tokens) or min(counts) < 1:
-            raise ValueError("forward needs one non-empty token list per slot")
-        width = max(counts)
-        for s in slots:
-            if self._lengths[s] + width > self.info.max_seq_len:
-                raise TideError(f"sequence in slot {s} would exceed max_seq_len={self.info.max_seq_len}")
-        dev = self.device
-        padded = [t + [0] * (width - len(t)) for t in tokens]
-        tok = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, T]
-        starts = torch.tensor([self._lengths[s] for s in slots], dtype=torch.long, device=dev)  # [B]
-        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)  # [B]
-        index = None
-        if logits == "last":
-            index = torch.tensor([[n - 1] for n in counts], dtype=torch.long, device=dev)  # [B, 1]
-        out_logits, hidden = self.model.forward(self.cache, slot_t, tok, starts, self.capture_layers, index, counts)
-        for s, n in zip(slots, counts, strict=False):
-            self._lengths[s] += n
-        return ForwardOutput(out_logits, hidden)
+    def forward_step(self, batch: StepBatch) -> StepOutput:
+        for row in batch.rows:
+            if row.start != self._lengths[row.slot]:
+                raise ValueError(f"row of slot {row.slot} starts at {row.start}; the slot holds "
+                                 f"{self._lengths[row.slot]} tokens")
+            if row.start + len(row.tokens) > self.info.max_seq_len:
+                raise TideError(f"sequence in slot {row.slot} would exceed max_seq_len={self.info.max_seq_len}")
+        logits, hidden = self.model.forward(self.cache, batch, self.capture_layers)
+        for row in batch.rows:
+            self._lengths[row.slot] += len(row.tokens)
+        return StepOutput(logits, hidden)
 
     def use_prefill_linears(self) -> None:
         """Bulk-prefill mode for training data: with native linears, run float32 copies of the bf16 weights

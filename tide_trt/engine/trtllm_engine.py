@@ -14,20 +14,20 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from tide_trt.config import EngineConfig, ModelConfig, default_cache_dir
-from tide_trt.engine.base import DTYPES, ForwardOutput, ModelInfo, TargetEngine, default_capture_layers
+from tide_trt.engine.base import DTYPES, ModelInfo, TargetEngine, default_capture_layers
+from tide_trt.engine.step_batch import StepBatch, StepOutput
 from tide_trt.engine.trtllm_layout import (
     PackedBatch,
     SlotTable,
+    caller_order_index,
     commit,
     kv_block_offsets,
     pack_batch,
-    unpack_logits,
-    unpack_tokens,
 )
 from tide_trt.errors import TideError
 
@@ -117,6 +117,12 @@ def check_engine_manifest(
         problems.append(f"built for max_batch_size {manifest.get('max_batch_size')} < {cfg.max_batch_size}")
     if int(manifest.get("max_seq_len", 0)) < cfg.max_seq_len:
         problems.append(f"built for max_seq_len {manifest.get('max_seq_len')} < {cfg.max_seq_len}")
+    built_tokens = int(manifest.get("max_num_tokens", 0))
+    if built_tokens < cfg.max_batch_size:
+        problems.append(
+            f"built for max_num_tokens {manifest.get('max_num_tokens')} < max_batch_size {cfg.max_batch_size} "
+            "(a decode step of a full batch would not fit)"
+        )
     if not manifest.get("gather_context_logits", False):
         problems.append("built without gather_context_logits (verification needs every token's logits)")
     if problems:
@@ -125,6 +131,16 @@ def check_engine_manifest(
             + "; ".join(problems)
             + " — rebuild it with builders/build_target_engine.py"
         )
+
+
+def effective_max_num_tokens(manifest: dict[str, Any], cfg: EngineConfig) -> int:
+    """The step token budget the serving loop must respect: min(engine's build-time max_num_tokens,
+    engine.max_num_tokens). The engine's own value is a hard limit (its `input_ids` optimization profile); the
+    config's is the latency budget the step loop chunks prompts under."""
+    built = int(manifest.get("max_num_tokens", 0))
+    if built < 1:
+        raise TideError("the engine manifest records no max_num_tokens: rebuild with builders/build_target_engine.py")
+    return min(built, int(getattr(cfg, "max_num_tokens", built)))
 
 
 def read_manifest(engine_dir: Path) -> dict[str, Any]:
@@ -176,23 +192,44 @@ def engine_inputs(
 
 
 # --- thin TensorRT layer (needs a GPU; not run in CI) ------------------------------------------------------
+class EngineRuntime(Protocol):
+    """The one seam between this backend and TensorRT: a loaded engine that runs a step from named tensors.
+
+    `_TrtSession` is the real one (GPU). Everything on the other side of it — manifest, slots, token budget,
+    packing, engine inputs, unpacking — is ours and runs on CPU in the tests.
+    """
+
+    outputs: list[str]
+
+    def input_rank(self, name: str) -> int: ...
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
 class _TrtSession:
     """One deserialized engine + execution context; runs a step from a dict of named torch tensors."""
 
-    def __init__(self, trt: Any, engine_bytes: bytes, device: str):
+    def __init__(self, trt: Any, engine: Any, device: str):
         self.trt = trt
         self.device = torch.device(device)
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
-            raise TideError(
-                "TensorRT could not deserialize the engine (plugin library not loaded, or a "
-                "TensorRT version other than the one that built it)"
-            )
+        self.engine = engine
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    @classmethod
+    def deserialize(cls, trt: Any, engine_bytes: bytes, device: str) -> _TrtSession:
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(engine_bytes)
+        if engine is None:
+            raise TideError(
+                "TensorRT could not deserialize the engine (plugin library not loaded, or a "
+                "TensorRT version other than the one that built it)"
+            )
+        session = cls(trt, engine, device)
+        session.runtime = runtime  # the runtime must outlive its engine
+        return session
 
     def input_rank(self, name: str) -> int:
         return len(self.engine.get_tensor_shape(name))
@@ -263,7 +300,12 @@ def _require_cuda_device(cfg: EngineConfig) -> None:
 
 
 class TrtllmTargetEngine(TargetEngine):
-    """TargetEngine over a TensorRT-LLM engine with the hidden-capture plugin; torch's slot semantics."""
+    """TargetEngine over a TensorRT-LLM engine with the hidden-capture plugin; torch's slot semantics.
+
+    `runtime`: None (serving) loads TensorRT, the capture plugin and `rank0.engine` from the engine directory;
+    anything else is used as the loaded engine (the `EngineRuntime` seam; validation scripts and CPU tests).
+    The manifest is read and checked either way.
+    """
 
     def __init__(
         self,
@@ -272,9 +314,12 @@ class TrtllmTargetEngine(TargetEngine):
         tokenizer: object | None = None,
         engine_dir: str | Path | None = None,
         cache_dir: str = "",
+        runtime: EngineRuntime | None = None,
     ):
-        trt, _ = require_trtllm()
-        _require_cuda_device(cfg)
+        trt = None
+        if runtime is None:
+            trt, _ = require_trtllm()
+            _require_cuda_device(cfg)
         arch = ckpt.arch
         capture = tuple(cfg.capture_layers) if cfg.capture_layers else default_capture_layers(arch.num_layers)
         if len(capture) != 3 or any(not 0 <= c <= arch.num_layers for c in capture):
@@ -284,15 +329,18 @@ class TrtllmTargetEngine(TargetEngine):
         directory = Path(engine_dir) if engine_dir else engine_dir_for(ckpt.fingerprint, cfg, cache_dir)
         manifest = read_manifest(directory)
         check_engine_manifest(manifest, ckpt.fingerprint, cfg, capture)
-        if manifest.get("capture_impl", "plugin") == "plugin":
-            load_capture_plugin(
-                trt, os.environ.get("TIDE_CAPTURE_PLUGIN", manifest.get("plugin_library", ""))
-            )
-        engine_file = directory / "rank0.engine"
-        if not engine_file.is_file():
-            raise TideError(f"{engine_file} missing (tensor-parallel engines are not supported)")
-        self.session = _TrtSession(trt, engine_file.read_bytes(), cfg.device)
-        self.capture_output = str(manifest.get("capture_output", "tide_capture_hidden"))
+        self._max_num_tokens = effective_max_num_tokens(manifest, cfg)
+        if runtime is None:
+            if manifest.get("capture_impl", "plugin") == "plugin":
+                load_capture_plugin(
+                    trt, os.environ.get("TIDE_CAPTURE_PLUGIN", manifest.get("plugin_library", ""))
+                )
+            engine_file = directory / "rank0.engine"
+            if not engine_file.is_file():
+                raise TideError(f"{engine_file} missing (tensor-parallel engines are not supported)")
+            runtime = _TrtSession.deserialize(trt, engine_file.read_bytes(), cfg.device)
+        self.session: EngineRuntime = runtime
+        self.capture_output = str(manifest.get("capture_output", CAPTURE_OUTPUT))
         if self.capture_output not in self.session.outputs or "logits" not in self.session.outputs:
             raise TideError(f"engine outputs {self.session.outputs} lack 'logits' or {self.capture_output!r}")
         self.dtype = DTYPES[cfg.dtype]
@@ -307,7 +355,9 @@ class TrtllmTargetEngine(TargetEngine):
             int(manifest.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK)),
         )
         per_block = arch.num_layers * 2 * self.slots.tokens_per_block * arch.num_kv_heads * arch.head_dim
-        self.pool = torch.empty((self.slots.num_blocks, per_block), dtype=self.dtype, device=cfg.device)
+        self.pool = torch.empty(
+            (self.slots.num_blocks, per_block), dtype=self.dtype, device=cfg.device
+        )  # [blocks, L * 2 * tokens_per_block * Hkv * D] the paged KV pool (layer-within-block layout)
         self._mapping_rank = self.session.input_rank("host_kv_cache_pool_mapping")
         st = ckpt.state
         self._embed = st["model.embed_tokens.weight"].to(cfg.device, self.dtype)  # [V, H]
@@ -337,7 +387,18 @@ class TrtllmTargetEngine(TargetEngine):
             dtype=cfg.dtype,
             device=cfg.device,
         )
-        log.info("TensorRT-LLM target engine from %s (capture layers %s)", directory, list(capture))
+        log.info(
+            "TensorRT-LLM target engine from %s (capture layers %s, max_num_tokens %d)",
+            directory,
+            list(capture),
+            self._max_num_tokens,
+        )
+
+    @property
+    def max_num_tokens(self) -> int:
+        """Most tokens one step may carry: min(the engine's build-time max_num_tokens, engine.max_num_tokens).
+        `forward_step` refuses a larger step before any TensorRT call (TokenBudgetError)."""
+        return self._max_num_tokens
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> TrtllmTargetEngine:
@@ -366,15 +427,32 @@ class TrtllmTargetEngine(TargetEngine):
         self.slots.truncate(slot, length)
 
     # --- compute -----------------------------------------------------------------------------------------
-    def forward(self, slots: list[int], tokens: list[list[int]], logits: str = "last") -> ForwardOutput:
-        batch = pack_batch(slots, tokens, self.slots)
-        feeds = engine_inputs(
-            batch, self.slots, self.arch.num_layers, self.pool.data_ptr(), self._mapping_rank
+    def forward_step(self, batch: StepBatch) -> StepOutput:
+        """One flat step through the engine: rows packed into TensorRT-LLM's layout (context rows first),
+        outputs returned in the batch's row order. Over-budget steps raise before any engine input is built."""
+        rows = batch.rows
+        for r in rows:
+            if r.start != self.slots.seq_len(r.slot):
+                held = self.slots.seq_len(r.slot)
+                raise TideError(f"row of slot {r.slot} starts at {r.start}, the slot holds {held}")
+        packed = pack_batch(
+            [r.slot for r in rows], [list(r.tokens) for r in rows], self.slots, max_num_tokens=self.max_num_tokens
         )
+        feeds = engine_inputs(packed, self.slots, self.arch.num_layers, self.pool.data_ptr(), self._mapping_rank)
         out = self.session.run(feeds)
-        hidden = unpack_tokens(out[self.capture_output], batch).to(self.dtype)  # [B, T, 3, H]
-        result = ForwardOutput(unpack_logits(out["logits"].float(), batch, logits), hidden)
-        commit(batch, self.slots)
+        logits, hidden = out["logits"], out[self.capture_output]  # [N, V], [N, C, H] in packed order
+        if logits.shape[0] != packed.num_tokens:
+            raise TideError(
+                f"engine returned {logits.shape[0]} logits rows for {packed.num_tokens} tokens "
+                "(built without gather_context_logits?)"
+            )
+        index = caller_order_index(packed).to(logits.device)  # [N] packed row of each token in row order
+        logit_index = batch.logit_index.to(logits.device)  # [M] flat token indices (row order) with logits
+        result = StepOutput(
+            logits.index_select(0, index).index_select(0, logit_index).float(),  # [M, V]
+            hidden.index_select(0, index).to(self.dtype),  # [N, C, H]
+        )
+        commit(packed, self.slots)
         return result
 
     def embedding_weight(self) -> torch.Tensor:

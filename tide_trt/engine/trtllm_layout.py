@@ -139,14 +139,37 @@ class PackedBatch:
         return out
 
 
-def pack_batch(slots: list[int], tokens: list[list[int]], table: SlotTable) -> PackedBatch:
+class TokenBudgetError(TideError):
+    """A step carries more tokens than the engine's max_num_tokens (nothing was sent to the engine)."""
+
+
+def check_token_budget(counts: list[int], max_num_tokens: int) -> None:
+    """Refuse a step whose token count exceeds the engine's budget, before any engine input is built.
+
+    TensorRT-LLM engines are built for at most `max_num_tokens` packed tokens per step (the upper bound of the
+    `input_ids` optimization profile); a larger step would fail deep inside `set_input_shape`.
+    """
+    total = sum(counts)
+    if total > max_num_tokens:
+        raise TokenBudgetError(
+            f"step has {total} tokens ({len(counts)} rows, longest {max(counts)}), more than the engine's "
+            f"max_num_tokens={max_num_tokens}: the step loop must chunk prompts under engine.max_num_tokens"
+        )
+
+
+def pack_batch(
+    slots: list[int], tokens: list[list[int]], table: SlotTable, max_num_tokens: int | None = None
+) -> PackedBatch:
     """Pack one forward call (tokens[i] appended to slots[i]) into TensorRT-LLM's remove-padding layout.
 
     A request is a generation request iff it appends exactly one token to a non-empty cache; everything else
-    (prompts, multi-token verification blocks) runs as a context request over its cached prefix.
+    (prompts, prompt chunks, multi-token verification blocks) runs as a context request over its cached prefix.
+    max_num_tokens: the engine's token budget; a larger step raises TokenBudgetError before anything is packed.
     """
     if not slots or len(slots) != len(tokens):
         raise ValueError("forward needs one non-empty token list per slot")
+    if max_num_tokens is not None:
+        check_token_budget([len(t) for t in tokens], max_num_tokens)
     if len(set(slots)) != len(slots):
         raise ValueError(f"a slot appears twice in one step: {slots}")
     pasts = []
@@ -209,6 +232,17 @@ def kv_block_offsets(
         base = blocks * num_layers * kv_factor
         rows.append(torch.stack([base + f for f in range(kv_factor)], dim=0))  # [kv_factor, M]
     return torch.stack(rows, dim=0)[None].to(torch.int32)  # [1, B, kv_factor, M]
+
+
+def caller_order_index(batch: PackedBatch) -> torch.Tensor:
+    """[N] int64 permutation: packed_rows[index] lists every token in caller order (row 0's tokens first)."""
+    offsets = batch.token_offsets()
+    packed_of_row = {row: j for j, row in enumerate(batch.order)}
+    index: list[int] = []
+    for row in range(batch.batch_size):
+        j = packed_of_row[row]
+        index.extend(range(offsets[j], offsets[j + 1]))
+    return torch.tensor(index, dtype=torch.long)
 
 
 def unpack_tokens(flat: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

@@ -41,10 +41,10 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
         return target
     src = gguf_path()
     log.info("converting %s to a safetensors cache at %s (one time, ~20 s)", src.name, target)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    model = _load_gguf_model(src)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     _save_dequantized(model, tmp)
@@ -55,6 +55,26 @@ def default_model_dir(cache_dir: str | Path | None = None) -> Path:
         if not (target / "model.safetensors").is_file():
             raise
     return target
+
+
+def _load_gguf_model(src: Path):
+    """The dequantized GGUF model. transformers' `from_pretrained(gguf_file=...)` requires accelerate; without it
+    (a lean GPU machine) the model is built from the GGUF's config and its tensors loaded directly (the same
+    tensors, bit for bit)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if importlib.util.find_spec("accelerate") is not None:
+        return AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(src), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise TideError(f"{src.name}: weights missing {sorted(set(missing) - tied)} / unexpected {sorted(unexpected)}")
+    return model.eval()
 
 
 def _save_dequantized(model, out_dir: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tide_trt.engine.kv_cache import KVCache
+from tide_trt.engine.step_batch import StepBatch
 from tide_trt.kernels.linear import linear
 
 
@@ -83,7 +84,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, D]; cos/sin [B, 1, T, D] in x's dtype."""
+    """x [..., heads, T, D] or [N, heads, D]; cos/sin broadcastable to x ([B, 1, T, D] or [N, 1, D]), x's dtype."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -172,7 +173,7 @@ class LlamaWeights:
 
 
 class LlamaModel:
-    """Forward over a slot-based KV cache; appends tokens at each slot's current length."""
+    """Forward of one flat step batch over a slot-based KV cache."""
 
     def __init__(self, arch: LlamaArch, weights: LlamaWeights, max_seq_len: int, dtype: torch.dtype, device: str):
         self.arch = arch
@@ -185,90 +186,128 @@ class LlamaModel:
         self.scale = 1.0 / math.sqrt(arch.head_dim)
 
     @torch.inference_mode()
-    def forward(
-        self,
-        cache: KVCache,
-        slots: torch.Tensor,
-        tokens: torch.Tensor,
-        starts: torch.Tensor,
-        capture_layers: tuple[int, ...],
-        logit_index: torch.Tensor | None,
-        counts: list[int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run T new tokens per sequence.
+    def forward(self, cache: KVCache, batch: StepBatch, capture_layers: tuple[int, ...]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the N new tokens of `batch` (R rows of any lengths) in one pass.
 
-        slots [B] int64, tokens [B, T] int64, starts [B] int64 (cache length before this call).
-        logit_index: None -> logits for all T positions; else [B, K] positions to compute logits at.
-        counts: real tokens per row (the rest of the row is padding); ragged batches run their matmuls on the
-        real rows only (a verification step where few rows draft, a prefill of prompts of unequal length).
-        Returns (logits [B, K or T, V] float32, captured [B, T, len(capture_layers), H]); padded positions hold
-        zeros or garbage.
+        Every matmul runs on the N real tokens (no padding); attention runs per group of rows of similar length
+        (decode/verification rows together, prompt chunks together), each padded only to its own width.
+        Returns (logits [M, V] float32 at batch.logit_index, captured [N, len(capture_layers), H]).
         """
         a = self.arch
-        bsz, t = tokens.shape
-        rows = packed_rows(counts, t, tokens.device)  # [N] flat indices of real tokens, or None
-        positions = starts[:, None] + torch.arange(t, device=tokens.device)[None, :]  # [B, T]
-        cos = self.cos[positions][:, None]  # [B, 1, T, D]
-        sin = self.sin[positions][:, None]
-        layout = cache.layout(slots, starts, t)
-        x = F.embedding(tokens, self.w.embed).to(self.dtype)  # [B, T, H]
-        if rows is not None:
-            x = x.reshape(bsz * t, -1)[rows]  # [N, H]: the residual stream of real tokens only
+        n = batch.num_tokens
+        groups = attention_groups(batch, cache)
+        cos = self.cos[batch.positions][:, None]  # [N, 1, D]
+        sin = self.sin[batch.positions][:, None]
+        x = F.embedding(batch.token_ids, self.w.embed).to(self.dtype)  # [N, H]
         states: dict[int, torch.Tensor] = {}
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         for i, lw in enumerate(self.w.layers):
             if i in capture_layers:
                 states[i] = x
             h = rms_norm(x, lw["input_norm"], a.rms_norm_eps)
-            qkv = unpack_rows(linear(h, lw["qkv"]), rows, bsz, t)  # [B, T, (Hq+2Hkv)*D]
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = apply_rope(q.view(bsz, t, a.num_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, Hq, T, D]
-            k = apply_rope(k.view(bsz, t, a.num_kv_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, Hkv, T, D]
-            v = v.view(bsz, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
-            k_all, v_all = cache.write_and_read(i, layout, k, v)  # [B, Hkv, Lk, D]
-            attn = attention(q, k_all, v_all, layout.mask, layout.is_causal, self.scale)  # [B, Hq, T, D]
-            attn = attn.transpose(1, 2).reshape(bsz, t, q_size)
-            if rows is not None:
-                attn = attn.reshape(bsz * t, q_size)[rows]  # [N, Hq*D]
-            x = x + linear(attn, lw["o"])
+            q, k, v = linear(h, lw["qkv"]).split([q_size, kv_size, kv_size], dim=-1)
+            q = apply_rope(q.view(n, a.num_heads, a.head_dim), cos, sin)  # [N, Hq, D]
+            k = apply_rope(k.view(n, a.num_kv_heads, a.head_dim), cos, sin)  # [N, Hkv, D]
+            v = v.view(n, a.num_kv_heads, a.head_dim)  # [N, Hkv, D]
+            cache.write_tokens(i, batch.token_slots, batch.positions, k, v)
+            attn = grouped_attention(q, cache, i, groups, self.scale)  # [N, Hq, D]
+            x = x + linear(attn.reshape(n, q_size), lw["o"])
             h = rms_norm(x, lw["post_norm"], a.rms_norm_eps)
             gate, up = linear(h, lw["gate_up"]).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, lw["down"])
         states[a.num_layers] = x  # the last layer's output (before the final norm)
-        final = rms_norm(x, self.w.norm, a.rms_norm_eps)  # [B, T, H] or [N, H]
-        captured = unpack_rows(torch.stack([states[c] for c in capture_layers], dim=-2), rows, bsz, t)
-        if logit_index is None:
-            logits = unpack_rows(linear(final.float(), self.w.lm_head), rows, bsz, t)  # [B, T, V] float32
-            return logits, captured
-        if rows is None:
-            sel = torch.gather(final, 1, logit_index[:, :, None].expand(-1, -1, final.shape[-1]))  # [B, K, H]
-        else:  # the selected positions are real tokens: find them among the packed rows
-            flat = torch.arange(bsz, device=rows.device)[:, None] * t + logit_index  # [B, K]
-            sel = final[torch.searchsorted(rows, flat)]  # [B, K, H]
-        logits = linear(sel.float(), self.w.lm_head)  # [B, K, V] float32
+        captured = torch.stack([states[c] for c in capture_layers], dim=-2)  # [N, C, H]
+        sel = x if batch.logit_index.shape[0] == n else x[batch.logit_index]  # [M, H]
+        final = rms_norm(sel, self.w.norm, a.rms_norm_eps)
+        logits = linear(final.float(), self.w.lm_head)  # [M, V] float32
         return logits, captured
 
 
-PACK_MIN_PADDING = 0.125  # pack a ragged batch when at least this fraction of its [B, T] positions is padding
+@dataclass
+class AttentionGroup:
+    """Rows of a step whose queries are padded together to `width` for attention."""
+
+    rows: list[int]
+    width: int
+    slots: torch.Tensor  # [G] int64
+    slot_range: tuple[int, int] | None  # contiguous slots [lo, hi): cache views instead of gathers
+    key_len: int  # keys attended: max(start + count) over the group
+    mask: torch.Tensor | None  # [G, 1, width, key_len] bool; None when causal or a same-start decode
+    is_causal: bool
+    token_range: tuple[int, int] | None  # the group's tokens are flat [lo, hi) with every row `width` long
+    gather: torch.Tensor | None  # [G * width] flat token index of each padded query (padding: the row's first)
+    valid: torch.Tensor | None  # [G * width] bool real queries
 
 
-def packed_rows(counts: list[int] | None, width: int, device: str | torch.device) -> torch.Tensor | None:
-    """Flat indices [N] of the real tokens of a right-padded [B, width] batch, or None when packing would not
-    pay (no counts, or padding below PACK_MIN_PADDING)."""
-    if counts is None:
-        return None
-    total = len(counts) * width
-    if total - sum(counts) < PACK_MIN_PADDING * total:
-        return None
-    lengths = torch.tensor(counts, dtype=torch.long, device=device)  # [B]
-    real = torch.arange(width, device=device)[None, :] < lengths[:, None]  # [B, T]
-    return real.reshape(-1).nonzero().squeeze(1)
+SMALL_ROW = SMALL_QUERY  # rows up to this many tokens (decode, verification) share one attention group
 
 
-def unpack_rows(x: torch.Tensor, rows: torch.Tensor | None, bsz: int, width: int) -> torch.Tensor:
-    """Packed [N, *F] -> padded [B, width, *F] (zeros at padded positions); identity when rows is None."""
-    if rows is None:
-        return x
-    out = x.new_zeros((bsz * width, *x.shape[1:]))
-    out[rows] = x
-    return out.view(bsz, width, *x.shape[1:])
+def attention_groups(batch: StepBatch, cache: KVCache) -> list[AttentionGroup]:
+    """Split a step's rows into attention groups (short rows, long rows), computed once per step."""
+    short = [r for r, row in enumerate(batch.rows) if len(row.tokens) <= SMALL_ROW]
+    long = [r for r, row in enumerate(batch.rows) if len(row.tokens) > SMALL_ROW]
+    offsets = [0]
+    for row in batch.rows:
+        offsets.append(offsets[-1] + len(row.tokens))
+    return [_group(batch, cache, rows, offsets) for rows in (short, long) if rows]
+
+
+def _group(batch: StepBatch, cache: KVCache, rows: list[int], offsets: list[int]) -> AttentionGroup:
+    dev = batch.token_ids.device
+    plan = [batch.rows[r] for r in rows]
+    counts = [len(p.tokens) for p in plan]
+    starts = [p.start for p in plan]
+    width = max(counts)
+    key_len = max(s + c for s, c in zip(starts, counts, strict=True))
+    if key_len > cache.max_seq_len:
+        raise ValueError(f"sequence would exceed max_seq_len={cache.max_seq_len}")
+    slot_list = [p.slot for p in plan]
+    lo = slot_list[0]
+    contiguous = slot_list == list(range(lo, lo + len(slot_list)))
+    same_start = all(s == starts[0] for s in starts)
+    is_causal = same_start and starts[0] == 0 and width > 1
+    mask = None
+    if not is_causal and not (same_start and width == 1):
+        start_t = torch.tensor(starts, dtype=torch.long, device=dev)  # [G]
+        key_pos = torch.arange(key_len, device=dev)  # [L]
+        query_pos = start_t[:, None] + torch.arange(width, device=dev)[None, :]  # [G, width]
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]  # [G, 1, width, L]
+    uniform = all(c == width for c in counts) and rows == list(range(rows[0], rows[0] + len(rows)))
+    token_range = (offsets[rows[0]], offsets[rows[-1] + 1]) if uniform else None
+    gather = valid = None
+    if not uniform:
+        index, real = [], []
+        for r, c in zip(rows, counts, strict=True):
+            index.extend(offsets[r] + min(t, c - 1) for t in range(width))
+            real.extend(t < c for t in range(width))
+        gather = torch.tensor(index, dtype=torch.long, device=dev)
+        valid = torch.tensor(real, dtype=torch.bool, device=dev)
+    return AttentionGroup(rows, width, torch.tensor(slot_list, dtype=torch.long, device=dev),
+                          (lo, lo + len(slot_list)) if contiguous else None, key_len, mask, is_causal,
+                          token_range, gather, valid)
+
+
+def grouped_attention(q: torch.Tensor, cache: KVCache, layer: int, groups: list[AttentionGroup],
+                      scale: float) -> torch.Tensor:
+    """q [N, Hq, D] (flat) -> attention output [N, Hq, D], each group attending to its slots' cached keys."""
+    n, hq, d = q.shape
+    out = q.new_empty((n, hq, d)) if len(groups) > 1 or groups[0].token_range != (0, n) else None
+    for g in groups:
+        b = len(g.rows)
+        if g.token_range is not None:
+            lo, hi = g.token_range
+            qg = q[lo:hi]  # [G*width, Hq, D]
+        else:
+            qg = q[g.gather]
+        qg = qg.view(b, g.width, hq, d).transpose(1, 2)  # [G, Hq, width, D]
+        k_all, v_all = cache.read(layer, g.slots, g.slot_range, g.key_len)  # [G, Hkv, L, D]
+        o = attention(qg, k_all, v_all, g.mask, g.is_causal, scale)  # [G, Hq, width, D]
+        o = o.transpose(1, 2).reshape(b * g.width, hq, d)
+        if out is None:
+            return o
+        if g.token_range is not None:
+            out[g.token_range[0]:g.token_range[1]] = o
+        else:
+            out[g.gather[g.valid]] = o[g.valid]
+    return out

@@ -3,13 +3,13 @@
 Wiring (the serving scheduler or a benchmark):
 
     gen = SpeculativeGenerator(engine, drafter)
-    plugins = build_online_plugins(cfg, engine, gen)     # also sets gen.signal_sink
-    ... run_step(gen, policy, plugins) ...
-    for p in plugins: getattr(p, "close", lambda: None)()   # flush the last shard, stop threads
+    plugins = build_online_plugins(cfg, engine, gen, draft_limited_fn=lambda: controller.draft_limited)
+    ... run_step(gen, policy, plugins) ...                  # (build_online_plugins also sets gen.signal_sink)
+    for p in plugins: p.close()                             # flush the last shard, stop threads
 
 Per step: `before_step` swaps in a validated new draft version (RefitWatcher) and applies training-round
 decisions from the trainer (rounds.jsonl: a rejected round or a plateau pauses collection);
-`after_step` feeds the mean per-request acceptance fraction of speculative requests (accepted/γ) to the
+`after_step` feeds the mean per-request accepted/drafted fraction of speculative requests to the
 DriftDetector, which switches collection on when ᾱ_short < ᾱ_long − ε; `on_finish` hands the finished
 request's served-acceptance statistics to the signal buffer, which writes the sequence into a shard.
 """
@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from tide_trt.config import TideConfig
 from tide_trt.engine.base import TargetEngine
 from tide_trt.engine.generator import SequenceState, SignalSink, SpeculativeGenerator, StepEvent
-from tide_trt.online.drift import Decision, DriftDetector
+from tide_trt.online.drift import DriftDetector
+from tide_trt.online.perf_model import censored_trials
 from tide_trt.online.refit import RefitWatcher
+from tide_trt.online.rounds import RoundRecord
 from tide_trt.online.signals import FinishInfo, ShardInfo, SignalBuffer
 from tide_trt.online.store import DraftStore, SignalStore
 
@@ -35,20 +38,24 @@ RECONCILE_EVERY = 64  # steps between checks for requests that left without fini
 class OnlineAdaptation:
     """StepPlugin composing capture (SignalBuffer), drift (DriftDetector) and refit (RefitWatcher)."""
 
-    def __init__(self, detector: DriftDetector, buffer: SignalBuffer | None, watcher: RefitWatcher | None):
+    def __init__(self, detector: DriftDetector, buffer: SignalBuffer | None, watcher: RefitWatcher | None,
+                 *, draft_limited_fn: Callable[[], bool] | None = None):
+        """`draft_limited_fn`: the adaptive controller's `draft_limited` (speculation off for lack of acceptance),
+        read every step for the draft-limited collection trigger (drift.py); None without a controller."""
         self.detector = detector
         self.buffer = buffer
         self.watcher = watcher
         self._trials: dict[str, int] = {}  # Σ(k + [k<γ]) per running request (censored-geometric trials)
         self._steps = 0
         self.rounds_applied = 0
-        self.draft_limited_fn: Callable[[], bool] | None = None  # the controller's `draft_limited`, when wired
-        if buffer is not None:
+        self._draft_limited_fn = draft_limited_fn
+        if buffer is not None:  # a request's signals are kept iff collection is on when it is admitted
             buffer.collect_fn = lambda: self.detector.collection_enabled
 
     @classmethod
     def from_config(
-        cls, cfg: TideConfig, engine: TargetEngine, *, background: bool = True
+        cls, cfg: TideConfig, engine: TargetEngine, *, background: bool = True,
+        draft_limited_fn: Callable[[], bool] | None = None,
     ) -> OnlineAdaptation:
         info = engine.info
         detector = DriftDetector(cfg.signals)
@@ -73,16 +80,11 @@ class OnlineAdaptation:
                 poll_seconds=cfg.serving.refit_poll_seconds,
                 background=background,
             )
-        return cls(detector, buffer, watcher)
+        return cls(detector, buffer, watcher, draft_limited_fn=draft_limited_fn)
 
     @property
     def signal_sink(self) -> SignalSink | None:
         return self.buffer.sink if self.buffer is not None else None
-
-    def add_refit_listener(self, fn: Callable[[int], None]) -> None:
-        """fn(new_version) after every swap (e.g. `lambda v: controller.on_draft_updated()`)."""
-        if self.watcher is not None:
-            self.watcher.listeners.append(fn)
 
     # ---- StepPlugin ----------------------------------------------------------------------------------------
     def before_step(self, generator: SpeculativeGenerator) -> None:
@@ -92,8 +94,8 @@ class OnlineAdaptation:
                 self._apply_round(r)
         if self.buffer is not None:
             self.buffer.draft_version = generator.drafter.version if generator.drafter is not None else -1
-        if self.draft_limited_fn is not None:
-            self.detector.set_draft_limited(self.draft_limited_fn())
+        if self._draft_limited_fn is not None:
+            self.detector.set_draft_limited(self._draft_limited_fn())
 
     def after_step(
         self, generator: SpeculativeGenerator, gamma: int, events: Sequence[StepEvent], seconds: float
@@ -102,8 +104,8 @@ class OnlineAdaptation:
         for e in events:
             if e.num_draft > 0:
                 fractions.append(e.num_accepted / e.num_draft)
-                trials = e.num_accepted + (1 if e.num_accepted < e.num_draft else 0)
-                self._trials[e.request_id] = self._trials.get(e.request_id, 0) + trials
+                self._trials[e.request_id] = self._trials.get(e.request_id, 0) + censored_trials(e.num_accepted,
+                                                                                                 e.num_draft)
         if fractions:
             self.detector.update(sum(fractions) / len(fractions), float(len(fractions)))
         self.detector.observe_served(sum(1 for e in events if not e.is_prefill))
@@ -146,23 +148,14 @@ class OnlineAdaptation:
         return m
 
     # ---- helpers -------------------------------------------------------------------------------------------
-    def _apply_round(self, r: dict) -> None:
-        """A trainer round ended: apply its Algorithm 1 decision (pause collection when it says so)."""
-        d = Decision(
-            bool(r.get("deploy")),
-            bool(r.get("pause_collection")),
-            str(r.get("reason", "")),
-            float(r.get("gain") or 0.0),
-            float(r.get("required_gain") or 0.0),
-        )
-        self.detector.apply(d)
+    def _apply_round(self, line: dict[str, Any]) -> None:
+        """A trainer round ended (its rounds.jsonl line): apply its Algorithm 1 decision (pause collection when it
+        says so)."""
+        record = RoundRecord.from_json(line)
+        self.detector.apply(record.decision)
         self.rounds_applied += 1
-        log.info(
-            "training round %s: %s (collection %s)",
-            r.get("round"),
-            d.reason,
-            "on" if self.detector.collection_enabled else "paused",
-        )
+        log.info("training round %s: %s (collection %s)", record.round, record.reason,
+                 "on" if self.detector.collection_enabled else "paused")
 
     def _reconcile(self, generator: SpeculativeGenerator) -> None:
         live = generator.sequences
@@ -181,21 +174,13 @@ class OnlineAdaptation:
             self.buffer.close()
 
 
-def link_controller(plugins: Sequence[object], controller: object) -> None:
-    """Feed the controller's `draft_limited` state (speculation off for lack of acceptance) to every
-    OnlineAdaptation plugin's drift detector (the draft-limited collection trigger, drift.py). (Re-probing
-    after a refit is the ControllerPlugin's own job: it sees the draft version change.)"""
-    inner = getattr(controller, "controller", controller)  # ControllerPlugin wraps an AdaptiveController
-    for p in plugins:
-        if isinstance(p, OnlineAdaptation):
-            p.draft_limited_fn = lambda: inner.draft_limited
-
-
 def build_online_plugins(
-    cfg: TideConfig, engine: TargetEngine, generator: SpeculativeGenerator, *, background: bool = True
+    cfg: TideConfig, engine: TargetEngine, generator: SpeculativeGenerator, *, background: bool = True,
+    draft_limited_fn: Callable[[], bool] | None = None,
 ) -> list[OnlineAdaptation]:
-    """The online-adaptation plugins for `generator`; installs the signal sink on it if it has none."""
-    adaptation = OnlineAdaptation.from_config(cfg, engine, background=background)
+    """The online-adaptation plugins for `generator`; installs the signal sink on it if it has none.
+    `draft_limited_fn`: the adaptive controller's `draft_limited` when one runs (see OnlineAdaptation)."""
+    adaptation = OnlineAdaptation.from_config(cfg, engine, background=background, draft_limited_fn=draft_limited_fn)
     if generator.signal_sink is None:
         generator.signal_sink = adaptation.signal_sink
     elif adaptation.buffer is not None:

@@ -51,6 +51,9 @@ class ControllerPlugin:
     def on_finish(self, seq: SequenceState) -> None:
         self.controller.forget(seq.request.request_id)
 
+    def close(self) -> None:
+        """Nothing to release (no threads, no files)."""
+
     def state(self) -> ControllerState:
         return self.controller.snapshot()
 

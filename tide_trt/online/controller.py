@@ -1,14 +1,14 @@
 """Adaptive speculation controller: picks γ (0 = plain decoding) for every engine step.
 
-Acceptance estimator. Under the standard model (each draft token accepted independently with
-probability α until the first rejection), a request that drafted γ tokens and had ``k`` accepted
-observed ``k`` successes and, if ``k < γ``, one failure; the likelihood ``α^k (1-α)^[k<γ]`` gives the
-censored-geometric MLE ``α̂ = Σk / Σ(k + [k<γ])``. We keep *discounted* sums of successes and trials
-(numerator and denominator, not a ratio of per-step ratios, which would be biased): per request with
-rate ``ema_short`` per step and globally (batch totals) with rate ``ema_long`` per step. Sums decay on
-every step, including plain-decoding steps that carry no acceptance information, so stale estimates
-lose weight while their ratio is kept. A request's estimate is shrunk towards the global one with
-``request_prior_trials`` pseudo-trials: ``α_i = (s_i + w·α_g) / (t_i + w)``; unknown requests use α_g.
+Acceptance estimator (α, per-token acceptance). Under the standard model (each draft token accepted independently
+with probability α until the first rejection), a request that drafted γ tokens and had ``k`` accepted observed
+``k`` successes and, if ``k < γ``, one failure (``perf_model.censored_trials``); the likelihood ``α^k (1-α)^[k<γ]``
+gives the censored-geometric MLE ``α̂ = Σk / Σ(k + [k<γ])``. We keep *discounted* sums of successes and trials
+(numerator and denominator, not a ratio of per-step ratios, which would be biased): per request with rate
+``ema_short`` per step and globally (batch totals) with rate ``ema_long`` per step. Sums decay on every step,
+including plain-decoding steps that carry no acceptance information, so stale estimates lose weight while their
+ratio is kept. A request's estimate is shrunk towards the global one with ``request_prior_trials`` pseudo-trials:
+``α_i = (s_i + w·α_g) / (t_i + w)``; unknown requests use α_g.
 
 Decision (mode "adaptive"): the predicted speedup curve of the running batch (perf_model) gives a
 candidate argmax γ; the controller switches to it only when its predicted gain over the current γ
@@ -24,10 +24,7 @@ At large batches a probe drafts for only ``probe_max_requests`` of the running r
 ones, kept for the whole probe): the others decode one token in the same target pass, so the probe's extra
 target rows are k·γ instead of b·γ and the catch-up covers k sequences; α is per draft token, so a few
 requests measure it as well as the whole batch.
-Defaults (confirm 8, dwell 8, 12 prior trials) were set by simulation: with truncated-
-geometric acceptance at α ∈ [0.2, 0.95] and batch 1-8, at most 6 switches in 1000 steps (a plain
-argmax: up to ~700), while heterogeneous batches keep within 1-5 % of the oracle speedup.
-Pure Python, no torch: choose_gamma + observe cost ~10 µs at batch 1, ~30 µs at batch 32.
+Pure Python, no torch. Request ids are strings (the scheduler's ids).
 """
 
 from __future__ import annotations
@@ -37,18 +34,17 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from tide_trt.config import ControllerConfig
-from tide_trt.errors import ConfigError
 from tide_trt.online.perf_model import (
     LatencyProfile,
     argmax_gamma,
     best_gamma,
+    censored_trials,
     mean_expected_tokens,
     step_cost_ratios,
 )
 
 logger = logging.getLogger(__name__)
 
-MODES = ("adaptive", "static", "off")
 _MAX_TRACKED = 4096  # per-request estimates kept when forget() is not called
 _MEASURED_EMA = 0.1  # rate of the measured-speedup EMA (a metric only)
 _DRAFT_UPDATE_KEEP = 0.1  # weight kept by old estimates when a new draft is deployed
@@ -85,27 +81,22 @@ class AdaptiveController:
     def __init__(
         self, config: ControllerConfig, profile: LatencyProfile, gamma_max: int, static_gamma: int
     ) -> None:
-        if config.mode not in MODES:
-            raise ConfigError(f"controller.mode must be one of {MODES}, got {config.mode!r}")
-        for name in ("ema_short", "ema_long"):
-            if not 0.0 < getattr(config, name) <= 1.0:
-                raise ConfigError(f"controller.{name} must be in (0, 1], got {getattr(config, name)}")
         self.config = config
         self.profile = profile
         self.gamma_max = max(int(gamma_max), 0)
         self.static_gamma = min(max(int(static_gamma), 0), self.gamma_max)
         self.probe_gamma = min(max(int(config.probe_gamma), 1), self.gamma_max)
-        self._w = max(float(config.request_prior_trials), 0.0)
-        prior = min(max(float(config.prior_acceptance), 0.0), 1.0)
+        self._w = float(config.request_prior_trials)
+        prior = float(config.prior_acceptance)
         self._global = [prior * _PRIOR_TRIALS, _PRIOR_TRIALS]  # discounted [Σk, Σtrials]
-        self._req: dict[int, list[float]] = {}
+        self._req: dict[str, list[float]] = {}  # request id -> discounted [Σk, Σtrials]
         self._ratios: dict[int, list[float]] = {}
         self._measured: dict[int, float] = {}
         self._committed = 0
         self._last_gamma = 0
         self._predicted = 1.0
         self._steps = 0
-        self._since_switch = max(config.min_dwell_steps, 0)
+        self._since_switch = config.min_dwell_steps
         self._streak = 0  # consecutive decisions on which a switch was predicted to gain > hysteresis
         self._after_probe = False
         self._steps_off = 0
@@ -116,8 +107,8 @@ class AdaptiveController:
         self._failed_probes = 0  # consecutive probes after which speculation stayed off
         self._last_batch = 0
         self._headroom: dict[int, bool] = {}
-        self._probe_members: list[int] = []  # requests the current probe drafts for (empty: all)
-        self._drafting: frozenset | None = None  # requests drafting at the γ last returned (None: all)
+        self._probe_members: list[str] = []  # requests the current probe drafts for (empty: all)
+        self._drafting: frozenset[str] | None = None  # requests drafting at the γ last returned (None: all)
 
     # ------------------------------------------------------------------ estimates
     def _probing_enabled(self) -> bool:
@@ -126,9 +117,9 @@ class AdaptiveController:
     @property
     def global_acceptance(self) -> float:
         s, t = self._global
-        return s / t if t > 1e-12 else min(max(self.config.prior_acceptance, 0.0), 1.0)
+        return s / t if t > 1e-12 else self.config.prior_acceptance
 
-    def acceptance(self, request_id: int, global_alpha: float | None = None) -> float:
+    def acceptance(self, request_id: str, global_alpha: float | None = None) -> float:
         """Current α estimate of one request (the global estimate for an unknown request)."""
         g = self.global_acceptance if global_alpha is None else global_alpha
         est = self._req.get(request_id)
@@ -136,7 +127,7 @@ class AdaptiveController:
             return g
         return (est[0] + self._w * g) / (est[1] + self._w) if est[1] + self._w > 1e-12 else g
 
-    def speedup_curve(self, request_ids: Sequence[int]) -> list[float]:
+    def speedup_curve(self, request_ids: Sequence[str]) -> list[float]:
         """Predicted speedup vs plain decoding of each γ in 0..gamma_max for this batch."""
         b = len(request_ids)
         ratios = self._ratios.get(b)
@@ -149,7 +140,7 @@ class AdaptiveController:
         return [m * r for m, r in zip(means, ratios, strict=True)]
 
     # ------------------------------------------------------------------ decisions
-    def choose_gamma(self, request_ids: Sequence[int]) -> int:
+    def choose_gamma(self, request_ids: Sequence[str]) -> int:
         """γ for this engine step of the running batch (call once per step)."""
         self._drafting = None
         if not request_ids:
@@ -221,7 +212,7 @@ class AdaptiveController:
         base = self.config.reprobe_interval_steps
         if base <= 0:
             return base
-        backoff = max(self.config.reprobe_backoff, 1.0) ** max(self._failed_probes - 1, 0)
+        backoff = self.config.reprobe_backoff ** max(self._failed_probes - 1, 0)
         return int(min(base * backoff, max(self.config.reprobe_max_interval_steps, base)))
 
     def _start_probe(self, why: str) -> None:
@@ -233,7 +224,7 @@ class AdaptiveController:
         self._probes += 1
         logger.debug("probing gamma=%d for %d steps (%s)", self.probe_gamma, self._probe_left, why)
 
-    def _emit_probe(self, request_ids: Sequence[int], curve: list[float]) -> int:
+    def _emit_probe(self, request_ids: Sequence[str], curve: list[float]) -> int:
         """A probe step: γ = probe_gamma for at most probe_max_requests requests (kept across the probe's steps,
         topped up with the least-observed requests when members finish)."""
         k = self.config.probe_max_requests
@@ -249,7 +240,7 @@ class AdaptiveController:
             self._drafting = frozenset(members)
         return self._emit(self.probe_gamma, curve[self.probe_gamma])
 
-    def drafting(self, request_ids: Sequence[int]) -> Collection[int] | None:
+    def drafting(self, request_ids: Sequence[str]) -> Collection[str] | None:
         """The requests that draft at the γ last returned by choose_gamma: a probe's members, else None (all)."""
         return self._drafting
 
@@ -275,7 +266,7 @@ class AdaptiveController:
     # ------------------------------------------------------------------ observations
     def observe(
         self,
-        request_ids: Sequence[int],
+        request_ids: Sequence[str],
         gamma: int | Sequence[int],
         num_accepted: Sequence[int],
         step_seconds: float | None = None,
@@ -302,7 +293,7 @@ class AdaptiveController:
                 est[0] *= keep_r
                 est[1] *= keep_r
             if g > 0:
-                trials = k + 1 if k < g else k
+                trials = censored_trials(k, g)
                 est[0] += k
                 est[1] += trials
                 tot_k += k
@@ -317,7 +308,7 @@ class AdaptiveController:
             old = self._measured.get(gammas[0])
             self._measured[gammas[0]] = ratio if old is None else old + _MEASURED_EMA * (ratio - old)
 
-    def forget(self, request_id: int) -> None:
+    def forget(self, request_id: str) -> None:
         """Drop a finished request's estimate."""
         self._req.pop(request_id, None)
 

@@ -1,11 +1,11 @@
 """Selective training (paper Algorithm 1): drift detection, the training trigger and the deploy gate.
 
-Acceptance input. ``DriftDetector.update(acceptance, weight)`` takes the fraction of drafted tokens that
-were accepted in one verification step (``accepted / γ``), averaged over the ``weight`` requests of that
-step that speculated; steps without speculation carry no information and must not be fed. The EMA rates
-are per *request-step* (``weight`` request-steps advance the EMA as ``weight`` sequential updates of their
-mean), so the defaults behave the same at batch size 1 and 64. Both EMAs are bias-corrected (divided by
-``1 - (1-λ)^n``), so they hold sensible values from the first update.
+Acceptance input. ``DriftDetector.update(acceptance, weight)`` takes accepted/drafted of one verification step
+(``accepted / γ``; not the controller's per-token α, which counts censored trials), averaged over the ``weight``
+requests of that step that speculated; steps without speculation carry no information and must not be fed. The EMA
+rates are per *request-step* (``weight`` request-steps advance the EMA as ``weight`` sequential updates of their
+mean), so the defaults behave the same at batch size 1 and 64. Both EMAs are bias-corrected (divided by ``1 -
+(1-λ)^n``), so they hold sensible values from the first update.
 
 Rule. Collection is on when ``ᾱ_short < ᾱ_long − ε`` (after ``drift_warmup_updates`` request-steps);
 at **cold start** collection is on too (no baseline yet, and the shipped draft may not match the
@@ -23,25 +23,10 @@ rounds in a row (or a plateau) suspend this trigger until a round deploys, a dro
 ``draft_limited_retry_steps`` more request-steps have been served (the traffic may have changed; doubled after
 every suspension, reset by a deploy) — served steps, because with speculation off acceptance barely updates.
 
-Defaults (chosen with ``python benchmarks/drift_defaults.py [--out PATH]``, ~20 s, JSON on stdout).
-Worst-case noise: any acceptance fraction in [0, 1] with mean μ has variance ≤ μ(1−μ), the Bernoulli
-variance, so the experiment feeds Bernoulli(μ) request-steps (μ = 0.5 is the noisiest). Grid: λ_short ∈
-{0.001 … 0.02}, λ_long = λ_short/10 or /5, ε ∈ {0.03 … 0.08}, warm-up = 3/λ_short. Criterion: zero
-false alarms over 10 stable streams (5 × 200,000 request-steps at μ = 0.5 and at μ = 0.8) and over the
-40,000 pre-drop steps of 40 drop streams, at ε and also at ε − 0.01 (one grid step of safety margin,
-since real streams add low-frequency noise from the request mix); then the smallest worst-case delay to
-detect a drop of 0.1 (0.5 → 0.4, 40 seeds). Result: **λ_short = 0.001, λ_long = 0.0001, ε = 0.05,
-warm-up 3000 request-steps**: 0 false alarms, 0 misses; delay median 768, p95 1115, max 1128
-request-steps (≈ 1 min at batch size 1 and 20 steps/s, ≈ 35 steps at batch size 32). Without the
-margin, (0.001, 0.0001, 0.04) is faster (max 978) but ε = 0.03 there already false-alarms in 12 of 50
-runs; (0.002, 0.0002, 0.06) max 983 with ε = 0.05 false-alarming in 5 runs; λ_short ≥ 0.005 false-alarms
-at every ε ≤ 0.08. The old placeholders (0.1 / 0.01 / 0.05) false-alarmed in all 50 runs.
-
-N_threshold (``TrainerConfig.min_new_tokens``) is not owned here; the same script simulates the gate
-(eval_fraction 0.1, one-sided z = 1.645 test below, p = 0.5 per token): a draft no better than the old
-one is deployed in ≈ 5 % of rounds for every N; one that is 0.05 better is deployed with probability
-0.61 / 0.86 / 0.99 at N = 4096 / 8192 / 16384 (0.02 better: 0.19 / 0.29 / 0.45). 8192 is kept; 16384
-is the choice when rounds are cheap relative to traffic.
+Defaults (``SignalConfig.drift_*``) were chosen with ``python benchmarks/drift_defaults.py`` (Bernoulli request-step
+streams, the noisiest case for a fraction in [0, 1]: the smallest worst-case detection delay with no false alarm at
+ε and at ε − 0.01); the same script simulates the deploy gate for ``TrainerConfig.min_new_tokens`` (N_threshold,
+not owned here). Run it for the numbers.
 """
 
 from __future__ import annotations
@@ -51,7 +36,6 @@ import math
 from dataclasses import dataclass
 
 from tide_trt.config import SignalConfig, TrainerConfig
-from tide_trt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +63,6 @@ class _BiasCorrectedEma:
     __slots__ = ("lam", "value", "mass")
 
     def __init__(self, lam: float) -> None:
-        if not 0.0 < lam <= 1.0:
-            raise ConfigError(f"signals.drift_ema_* must be in (0, 1], got {lam}")
         self.lam = lam
         self.value = 0.0
         self.mass = 0.0
@@ -108,10 +90,10 @@ class DriftDetector:
         self._pauses = 0
         self._last_event = "cold_start" if self._enabled else "disabled"
         self._limited_allowed = bool(config.collect_when_draft_limited)
-        self._limited_max_rejections = max(int(config.draft_limited_max_rejections), 1)
+        self._limited_max_rejections = config.draft_limited_max_rejections
         self._draft_limited = False
         self._limited_rejections = 0
-        self._limited_retry = max(int(config.draft_limited_retry_steps), 1)
+        self._limited_retry = config.draft_limited_retry_steps
         self._limited_suspensions = 0
         self._served = 0.0  # decode request-steps served, speculative or not
         self._retry_at = math.inf  # finite while the draft-limited trigger is suspended

@@ -24,7 +24,10 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 _MIN_SECONDS = 1e-9  # floor for extrapolated latencies (never zero or negative)
 
@@ -33,6 +36,17 @@ def _clamp01(x: float) -> float:
     if math.isnan(x):
         return 0.0
     return 0.0 if x < 0.0 else 1.0 if x > 1.0 else float(x)
+
+
+_Count = TypeVar("_Count", int, float, "torch.Tensor")
+
+
+def censored_trials(accepted: _Count, drafted: int) -> _Count:
+    """Trials of one verification step under the acceptance model behind E[l] (each draft token accepted
+    independently with probability α until the first rejection): ``k`` accepted of ``γ`` drafted are ``k``
+    successes plus one failure when ``k < γ``, so ``α̂ = Σk / Σ(k + [k<γ])`` is the (censored-geometric) MLE of α.
+    Works on ints and on tensors of accepted counts."""
+    return accepted + (accepted < drafted)  # type: ignore[return-value,operator]
 
 
 def expected_tokens_per_step(alpha: float, gamma: int) -> float:

@@ -12,6 +12,7 @@ JSON per (model fingerprint, device, dtype, threads, ...) key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -72,13 +73,13 @@ def profile_latency(
         raise ValueError("profile_latency needs at least one batch size")
     started = time.perf_counter()
     shapes = target_shapes(sizes, gamma_max)
-    target_s = interleaved_medians({n: (lambda b=b, tps=tps: target_step(b, tps)) for n, (b, tps) in shapes.items()},
+    target_s = interleaved_medians({n: functools.partial(target_step, b, tps) for n, (b, tps) in shapes.items()},
                                    repeats, warmup)
     for n, (b, tps) in shapes.items():
         logger.debug("T(%d) [b=%d x %d] = %.3f ms", n, b, tps, target_s[n] * 1e3)
     draft_s: dict[int, float] = {}
     if gamma_max > 0:
-        draft_s = interleaved_medians({b: (lambda b=b: draft_step(b)) for b in sizes}, repeats, warmup)
+        draft_s = interleaved_medians({b: functools.partial(draft_step, b) for b in sizes}, repeats, warmup)
         for b in sizes:
             logger.debug("D(%d) = %.3f ms", b, draft_s[b] * 1e3)
     else:  # no speculation possible: the draft cost is never used, keep the profile valid

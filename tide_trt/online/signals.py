@@ -209,8 +209,8 @@ class SignalBuffer:
                 self.counters["sequences_skipped"] += 1
         if not st.capturing:
             return
-        if is_prompt:
-            st.prompt_len = len(token_ids)
+        if is_prompt:  # a prompt may arrive in several chunks (chunked prefill): its length so far
+            st.prompt_len = start + len(token_ids)
             if not self.capture_prompt:
                 st.prompt_len = 0
                 return

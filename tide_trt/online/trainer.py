@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,10 @@ from tide_trt.engine.base import ModelInfo, default_capture_layers
 from tide_trt.errors import CheckpointError, TideError
 from tide_trt.kernels import fast_bf16_matmul
 from tide_trt.online.drift import TrainingGate
+from tide_trt.online.rounds import RoundRecord
 from tide_trt.online.signals import STORE_DTYPES, SignalSequence, read_shard
 from tide_trt.online.store import DraftStore, SignalStore
-from tide_trt.training.ttt import Batch, collate, ttt_loss
+from tide_trt.training.ttt import Batch, ChainAcceptance, collate, simulated_acceptance, ttt_loss
 from tide_trt.training.vocab import t2d_from_d2t
 
 log = logging.getLogger(__name__)
@@ -58,57 +59,19 @@ def make_chunks(seqs: list[SignalSequence], chunk_len: int, train_on_prompt: boo
     return out
 
 
-def _shifted(batch: Batch, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Entry q (feature q, token q+1) predicts the target's token after q+1: returns next tokens [B, T], draft
-    labels [B, T] (-1: none) and known [B, T] (the target label exists, even if outside the draft vocab)."""
-    dev = batch.tokens.device
-    next_tokens = torch.cat([batch.tokens[:, 1:], torch.zeros_like(batch.tokens[:, :1])], dim=1)
-    lab_next = torch.cat([batch.labels[:, 1:], torch.full_like(batch.labels[:, :1], -1)], dim=1)
-    pos = torch.arange(batch.tokens.shape[1], device=dev)[None, :]
-    known = (pos + 1 < batch.lengths[:, None]) & (lab_next >= 0)
-    draft_lab = torch.where(known, t2d[lab_next.clamp(min=0)], torch.full_like(lab_next, -1))
-    return next_tokens, draft_lab, known
-
-
 def _to(batch: Batch, device: str) -> Batch:
     return Batch(batch.hidden.to(device).float(), batch.tokens.to(device), batch.labels.to(device),
                  batch.lengths.to(device))
 
 
-@torch.no_grad()
-def chain_counts(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, gamma: int) -> tuple[float, float, int]:
-    """Greedy γ-chains replayed at every base position with a known target label. Returns (Σ accepted,
-    Σ trials, chains); trials = k + [k < γ], so Σk / Σtrials is the per-token acceptance estimate the
-    serving side computes from its verification steps (comparable across γ)."""
-    next_tokens, labels, known = _shifted(batch, t2d)
-    b, t = labels.shape
-    alive = torch.ones(b, t, dtype=torch.bool, device=labels.device)
-    accepted = torch.zeros(b, t, device=labels.device)
-    for j, logits in enumerate(head.ttt_forward(batch.hidden, next_tokens, gamma)):
-        ok = (logits.argmax(-1) == labels) & (labels >= 0)  # [B, T] step-j prediction of chain q sits at q+j
-        ok_base = torch.zeros_like(alive)
-        ok_base[:, : t - j] = ok[:, j:]
-        alive &= ok_base
-        accepted += alive.float()
-    pos = torch.arange(t, device=labels.device)[None, :]
-    base = known & (pos < batch.lengths[:, None] - 1 - gamma)
-    k = accepted[base]
-    return float(k.sum()), float((k + (k < gamma).float()).sum()), int(base.sum())
-
-
 def evaluate(head: Eagle3Head, chunks: list[Chunk], t2d: torch.Tensor, gamma: int, device: str,
-             batch_size: int = 8) -> dict[str, float]:
-    """Held-out simulated acceptance: p (per-token, Σk/Σtrials), alpha (Σk / (chains·γ)), tau."""
+             batch_size: int = 8) -> ChainAcceptance:
+    """Held-out simulated acceptance over `chunks` (ttt.simulated_acceptance summed over batches): α, τ, counts."""
     head.eval()
-    acc = trials = 0.0
-    chains = 0
+    total = ChainAcceptance(gamma)
     for i in range(0, len(chunks), batch_size):
-        a, tr, c = chain_counts(head, _to(collate(chunks[i : i + batch_size]), device), t2d, gamma)
-        acc, trials, chains = acc + a, trials + tr, chains + c
-    if chains == 0:
-        return {"p": 0.0, "alpha": 0.0, "tau": 1.0, "chains": 0, "trials": 0.0}
-    return {"p": acc / trials, "alpha": acc / (chains * gamma), "tau": 1.0 + acc / chains, "chains": chains,
-            "trials": trials}
+        total += simulated_acceptance(head, _to(collate(chunks[i : i + batch_size]), device), t2d, gamma)
+    return total
 
 
 def fit(head: Eagle3Head, chunks: list[Chunk], t2d: torch.Tensor, tc: TrainerConfig, *, seed: int = 0,
@@ -143,6 +106,9 @@ def fit(head: Eagle3Head, chunks: list[Chunk], t2d: torch.Tensor, tc: TrainerCon
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=use_autocast):
             loss = ttt_loss(head, batch, t2d, tc.ttt_steps, with_accuracy=False)[0]
         opt.zero_grad(set_to_none=True)
+        if not loss.requires_grad:  # no label of this batch is in the draft vocabulary: nothing to learn from
+            done += 1
+            continue
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -178,22 +144,21 @@ def served_acceptance(seqs: list[SignalSequence]) -> tuple[float | None, int]:
     return (acc / trials if trials else None), trials
 
 
-def gate_baseline(tc: TrainerConfig, served: float | None, served_trials: int, parent_eval: dict[str, float]
+def gate_baseline(tc: TrainerConfig, served: float | None, served_trials: int, parent_eval: ChainAcceptance
                   ) -> tuple[float, str, int]:
     """(acceptance to beat, its kind, its trial count) for the deploy gate. Too few served draft tokens
     (speculation was mostly off) measure nothing — their SE would blind the gate — so below
     `gate_min_served_trials` the old draft's acceptance on the same held-out data is the baseline."""
     if tc.gate_baseline == "parent" or served is None or served_trials < tc.gate_min_served_trials:
-        return parent_eval["p"], "parent_eval", int(parent_eval["trials"])
+        return parent_eval.alpha, "parent_eval", int(parent_eval.trials)
     if tc.gate_baseline == "max":
-        return max(served, parent_eval["p"]), "max", served_trials
+        return max(served, parent_eval.alpha), "max", served_trials
     return served, "served", served_trials
 
 
 @dataclass
 class RoundResult:
-    deploy: bool
-    record: dict[str, Any]  # the rounds.jsonl line (without version), also the manifest data
+    record: RoundRecord  # the rounds.jsonl line (round, parent, version and shards filled in by the trainer)
     head: Eagle3Head
 
 
@@ -210,18 +175,17 @@ def train_round(head: Eagle3Head, train: list[SignalSequence], held: list[Signal
     new_eval = evaluate(head, held_chunks, t2d, tc.eval_gamma, tc.device)
     served, served_trials = served_acceptance(train)
     baseline, kind, n_base = gate_baseline(tc, served, served_trials, parent_eval)
-    decision = gate.decide(new_eval["p"], baseline, num_eval=int(new_eval["trials"]), num_train=n_base)
+    decision = gate.decide(new_eval.alpha, baseline, num_eval=int(new_eval.trials), num_train=n_base)
     data = {"train_sequences": len(train), "heldout_sequences": len(held),
             "train_tokens": sum(s.num_tokens for s in train),
             "heldout_tokens": sum(s.num_tokens for s in held),
             "train_label_tokens": sum(s.num_label_tokens(tc.train_on_prompt) for s in train)}
-    record = {"deploy": decision.deploy, "pause_collection": decision.pause_collection,
-              "reason": decision.reason, "gain": decision.gain, "required_gain": decision.required_gain,
-              "baseline": kind,
-              "eval_acceptance": new_eval["p"], "eval": new_eval, "parent_eval_acceptance": parent_eval["p"],
-              "parent_eval": parent_eval, "served_acceptance": served, "served_trials": served_trials,
-              "data": data, "training": history}
-    return RoundResult(decision.deploy, record, head)
+    record = RoundRecord(deploy=decision.deploy, pause_collection=decision.pause_collection,
+                         reason=decision.reason, gain=decision.gain, required_gain=decision.required_gain,
+                         baseline=kind, eval_acceptance=new_eval.alpha, eval=new_eval.as_dict(),
+                         parent_eval_acceptance=parent_eval.alpha, parent_eval=parent_eval.as_dict(),
+                         served_acceptance=served, served_trials=served_trials, data=data, training=history)
+    return RoundResult(record, head)
 
 
 # ---- the trainer process: stores in, versions out ---------------------------------------------------------
@@ -233,12 +197,8 @@ def load_target_identity(cfg: TideConfig, device: str) -> tuple[ModelInfo, torch
     a = ckpt.arch
     layers = cfg.engine.capture_layers
     capture = tuple(layers) if layers else default_capture_layers(a.num_layers)
-    info = ModelInfo(name=ckpt.name, fingerprint=ckpt.fingerprint, vocab_size=a.vocab_size,
-                     hidden_size=a.hidden_size, num_layers=a.num_layers, num_heads=a.num_heads,
-                     num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, intermediate_size=a.intermediate_size,
-                     rms_norm_eps=a.rms_norm_eps, rope_theta=a.rope_theta, capture_layers=capture,
-                     eos_token_ids=a.eos_token_ids, max_seq_len=cfg.engine.max_seq_len, max_batch_size=1,
-                     dtype="float32", device=device)
+    info = ModelInfo.from_arch(a, name=ckpt.name, fingerprint=ckpt.fingerprint, capture_layers=capture,
+                               max_seq_len=cfg.engine.max_seq_len, max_batch_size=1, dtype="float32", device=device)
     embed = ckpt.state["model.embed_tokens.weight"].to(device=device, dtype=torch.float32)  # [V, H]
     return info, embed
 
@@ -250,19 +210,13 @@ class OnlineTrainer:
                  stop: threading.Event | None = None):
         self.cfg = cfg
         self.tc = cfg.trainer
-        if self.tc.save_dtype not in STORE_DTYPES:
-            raise TideError(f"trainer.save_dtype must be one of {sorted(STORE_DTYPES)}, "
-                            f"got {self.tc.save_dtype!r}")
-        if self.tc.gate_baseline not in ("served", "parent", "max"):
-            raise TideError(f"trainer.gate_baseline must be served | parent | max, "
-                            f"got {self.tc.gate_baseline!r}")
         self.signals = SignalStore(cfg.signals.store_dir)
         self.drafts = DraftStore(cfg.trainer.drafts_dir)
         self.base_draft = Path(base_draft) if base_draft else None
         self.gate = TrainingGate.from_config(cfg.signals, cfg.trainer)
         self.stop = stop or threading.Event()
-        self.info: ModelInfo | None = None
-        self.embed: torch.Tensor | None = None
+        self._info: ModelInfo | None = None
+        self._embed: torch.Tensor | None = None
         self._bad: set[str] = set()
 
     def setup(self) -> None:
@@ -270,11 +224,23 @@ class OnlineTrainer:
             torch.set_num_threads(self.tc.num_threads)
         if self.tc.device.startswith("cuda") and not torch.cuda.is_available():
             raise TideError(f"trainer.device={self.tc.device} but CUDA is not available")
-        self.info, self.embed = load_target_identity(self.cfg, self.tc.device)
+        self._info, self._embed = load_target_identity(self.cfg, self.tc.device)
         self.signals.ensure().remove_stale_tmp()
         self.drafts.ensure().remove_orphans()
         if not self.drafts.versions():
             self._publish_base()
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise TideError("OnlineTrainer.setup() has not run")
+        return self._info
+
+    @property
+    def embed(self) -> torch.Tensor:
+        if self._embed is None:
+            raise TideError("OnlineTrainer.setup() has not run")
+        return self._embed
 
     def _publish_base(self) -> None:
         if self.base_draft is None:
@@ -336,11 +302,15 @@ class OnlineTrainer:
 
     # ---- rounds -------------------------------------------------------------------------------------------
     def run_once(self) -> dict[str, Any] | None:
-        """Train one round if enough new signals exist. Returns the round record (None: not enough data)."""
+        """Train one round if enough new signals exist. Returns its rounds.jsonl line (`RoundRecord.to_json()`;
+        None: not enough data)."""
         shards, new_tokens = self.pending()
         if not self.gate.should_train(new_tokens):
             return None
-        parent, head = self._load_parent(self.drafts.current())
+        current = self.drafts.current()
+        if current is None:
+            raise TideError(f"{self.drafts.root} has no published draft version")
+        parent, head = self._load_parent(current)
         seqs: list[SignalSequence] = []
         skipped = []
         for p in shards:
@@ -357,25 +327,26 @@ class OnlineTrainer:
                  len(train), new_tokens, len(held))
         n_rounds = len(self.drafts.rounds())
         result = train_round(head, train, held, self.tc, self.gate, stop=self.stop, seed=n_rounds)
-        rec = {"round": n_rounds + 1, "parent": parent, "version": None, "skipped_shards": skipped,
-               "shards": [p.name for p in shards if p.name not in skipped], **result.record}
-        if result.deploy:
-            rec["version"] = self._publish(result.head, parent, rec)
-        self.drafts.append_round(rec)
+        rec = replace(result.record, round=n_rounds + 1, parent=parent, skipped_shards=skipped,
+                      shards=[p.name for p in shards if p.name not in skipped])
+        if rec.deploy:
+            rec = replace(rec, version=self._publish(result.head, parent, rec))
+        line = rec.to_json()
+        self.drafts.append_round(line)
         self._retention()
-        return rec
+        return line
 
-    def _publish(self, head: Eagle3Head, parent: int, rec: dict[str, Any]) -> int:
+    def _publish(self, head: Eagle3Head, parent: int, rec: RoundRecord) -> int:
         v = self.drafts.next_version()
         head.to(STORE_DTYPES[self.tc.save_dtype])
-        entry = {k: rec[k] for k in ("eval_acceptance", "served_acceptance", "parent_eval_acceptance", "gain",
-                                     "baseline", "round")}
-        entry.update(version=v, parent=parent, data={**rec["data"], "shards": rec["shards"]},
-                     train_seconds=rec["training"]["seconds"])
+        entry = {"eval_acceptance": rec.eval_acceptance, "served_acceptance": rec.served_acceptance,
+                 "parent_eval_acceptance": rec.parent_eval_acceptance, "gain": rec.gain, "baseline": rec.baseline,
+                 "round": rec.round, "version": v, "parent": parent, "data": {**rec.data, "shards": rec.shards},
+                 "train_seconds": rec.training["seconds"]}
         save_draft(head, self.drafts.version_dir(v), {**entry, "trained_by": "tide train (online)"})
         self.drafts.append_manifest(entry)
-        log.info("published draft version %d (parent %d): acceptance %.3f vs %s %.3f", v, parent,
-                 rec["eval_acceptance"], rec["baseline"], rec["eval_acceptance"] - rec["gain"])
+        log.info("published draft version %d (parent %d): α %.3f vs %s %.3f", v, parent,
+                 rec.eval_acceptance, rec.baseline, (rec.eval_acceptance or 0.0) - rec.gain)
         return v
 
     def _retention(self) -> None:

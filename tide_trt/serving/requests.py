@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -142,6 +143,12 @@ def _text_input(arr: np.ndarray | None) -> str:
     return text
 
 
+@overload
+def _int(inputs: Mapping[str, np.ndarray | None], name: str, default: int, wire: str,
+         signed: bool | None) -> int: ...  # fmt: skip
+@overload
+def _int(inputs: Mapping[str, np.ndarray | None], name: str, default: None, wire: str,
+         signed: bool | None) -> int | None: ...  # fmt: skip
 def _int(inputs: Mapping[str, np.ndarray | None], name: str, default: int | None, wire: str,
          signed: bool | None) -> int | None:  # fmt: skip
     """An integer scalar; ``signed`` True: int dtypes only, None: signed or unsigned."""

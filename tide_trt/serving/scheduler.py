@@ -217,10 +217,10 @@ class Scheduler:
             gamma, events, seconds = run_step(self.generator, self.policy, self.plugins)
         except Exception as exc:
             log.exception("engine step failed; failing its %d requests", len(self._active))
-            for job in list(self._active.values()):
-                self._retire(job, "error", notify_plugins=True)
+            for failed in list(self._active.values()):
+                self._retire(failed, "error", notify_plugins=True)
                 self.stats.inc("tide_requests_failed_total")
-                self._safe(job.sink.fail, f"internal error in the engine step: {exc}")
+                self._safe(failed.sink.fail, f"internal error in the engine step: {exc}")
             return
         decode = [ev for ev in events if ev.request_id in self._active and self._active[ev.request_id].started]
         self.stats.record_step(

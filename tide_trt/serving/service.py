@@ -1,8 +1,8 @@
 """The serving core shared by Triton and in-process use: config -> engine, policy, plugins, scheduler.
 
-`build_service(cfg)` is THE place where the γ policy and the step plugins are assembled from the config;
-extend it to add the adaptive controller (a GammaPolicy) and online adaptation (signal capture, refit,
-metrics) as StepPlugins. Everything downstream (Triton model, benchmarks) goes through `TideService`,
+`build_service(cfg)` is the one place where the γ policy and the step plugins are assembled from the config: a
+static γ, or the adaptive controller (a GammaPolicy and a StepPlugin), plus online adaptation (signal capture,
+drift detection, refit) as StepPlugins. Everything downstream (Triton model, benchmarks) goes through `TideService`,
 so the in-process engine and the Triton server run the same scheduler code path.
 """
 
@@ -12,13 +12,17 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from tide_trt.config import TideConfig
 from tide_trt.engine.generator import SpeculativeGenerator
 from tide_trt.engine.hooks import GammaPolicy, StaticGamma, StepPlugin
-from tide_trt.errors import ConfigError, RequestError
+from tide_trt.errors import RequestError
 from tide_trt.serving.requests import ParsedRequest, RequestLimits, check_prompt_length
 from tide_trt.serving.scheduler import Job, ResponseChunk, ResponseSink, Scheduler
+
+if TYPE_CHECKING:
+    from tide_trt.online.control_plugin import ControllerPlugin
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +34,13 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
     the adaptive controller over the profiled cost model (profile cached per model/device/dtype/threads).
     Plugins: the controller (adaptive mode) and online adaptation (signal capture, drift, refit) when enabled.
     """
-    from tide_trt.runtime import GAMMA_MAX, GAMMA_MIN, build_drafter, build_engine, resolve_draft_path
+    from tide_trt.runtime import build_drafter, build_engine, resolve_draft_path
 
     draft_path = resolve_draft_path(cfg.draft.path)
     engine = build_engine(cfg)
     drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram) if draft_path is not None else None
     generator = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)
-    gamma = 0
-    if drafter is not None:
-        if not GAMMA_MIN <= cfg.draft.gamma <= GAMMA_MAX:
-            raise ConfigError(f"draft.gamma must be in [{GAMMA_MIN}, {GAMMA_MAX}], got {cfg.draft.gamma}")
-        gamma = cfg.draft.gamma
+    gamma = cfg.draft.gamma if drafter is not None else 0  # 1..gamma_max: validated by the config
     log.info(
         "service: %s on %s (%s), draft %s, gamma %d, %d slots x %d tokens",
         engine.info.name,
@@ -52,7 +52,7 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
         engine.info.max_seq_len,
     )
     policy: GammaPolicy = StaticGamma(gamma if cfg.controller.mode != "off" else 0)
-    plugins: list[StepPlugin] = _online_plugins(cfg, generator)  # first: refits land before the controller looks
+    controller = None
     if drafter is not None and cfg.controller.mode == "adaptive":
         from tide_trt.online.control_plugin import ControllerPlugin
         from tide_trt.online.engine_profile import cached_engine_profile
@@ -60,23 +60,23 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
         profile = cached_engine_profile(engine, drafter, cfg.draft.gamma_max)
         controller = ControllerPlugin(cfg.controller, profile, cfg.draft.gamma_max, gamma)
         policy = controller
-        if plugins:
-            from tide_trt.online.adaptation import link_controller
-
-            link_controller(plugins, controller)
+    # online plugins first: refits land before the controller looks
+    plugins: list[StepPlugin] = _online_plugins(cfg, generator, controller)
+    if controller is not None:
         plugins.append(controller)
     return generator, policy, plugins
 
 
-def _online_plugins(cfg: TideConfig, generator: SpeculativeGenerator) -> list[StepPlugin]:
-    """Signal capture / drift / refit plugins (online adaptation), when signals are enabled and a draft serves."""
+def _online_plugins(cfg: TideConfig, generator: SpeculativeGenerator,
+                    controller: ControllerPlugin | None) -> list[StepPlugin]:
+    """Signal capture / drift / refit plugins (online adaptation), when signals are enabled and a draft serves;
+    the controller's `draft_limited` feeds their draft-limited collection trigger."""
     if generator.drafter is None or not cfg.signals.enabled:
         return []
-    try:
-        from tide_trt.online.adaptation import build_online_plugins
-    except ImportError:  # online adaptation not installed in this build
-        return []
-    return list(build_online_plugins(cfg, generator.engine, generator))
+    from tide_trt.online.adaptation import build_online_plugins
+
+    limited = (lambda: controller.controller.draft_limited) if controller is not None else None
+    return list(build_online_plugins(cfg, generator.engine, generator, draft_limited_fn=limited))
 
 
 class TideService:
@@ -115,13 +115,11 @@ class TideService:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self.scheduler.stop(timeout_s)
-        for plugin in self.scheduler.plugins if hasattr(self.scheduler, "plugins") else ():
-            close = getattr(plugin, "close", None)
-            if close is not None:
-                try:
-                    close()  # e.g. online adaptation: write the last signal shard, stop its threads
-                except Exception:
-                    log.exception("closing plugin %s failed", type(plugin).__name__)
+        for plugin in self.scheduler.plugins:
+            try:
+                plugin.close()  # e.g. online adaptation: write the last signal shard, stop its threads
+            except Exception:
+                log.exception("closing plugin %s failed", type(plugin).__name__)
 
     def encode(self, parsed: ParsedRequest) -> list[int]:
         from tide_trt.runtime import encode_prompt

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +54,15 @@ def resolve_config(model_config: dict[str, Any], model_dir: str) -> Path | None:
     return Path(path) if path else None
 
 
-def _apply_instance(cfg: TideConfig, kind: str, device_id: str) -> None:
-    if kind == "GPU":
-        if cfg.engine.device.startswith("cuda"):
-            cfg.engine.device = f"cuda:{device_id}"
-        else:
-            log.warning(
-                "instance kind GPU but engine.device=%s: the engine stays on %s",
-                cfg.engine.device,
-                cfg.engine.device,
-            )
+def _apply_instance(cfg: TideConfig, kind: str, device_id: str) -> TideConfig:
+    """cfg with engine.device set to this Triton GPU instance's device (a new config; cfg is not changed)."""
+    if kind != "GPU":
+        return cfg
+    if cfg.engine.device.startswith("cuda"):
+        return replace(cfg, engine=replace(cfg.engine, device=f"cuda:{device_id}"))
+    log.warning("instance kind GPU but engine.device=%s: the engine stays on %s", cfg.engine.device,
+                cfg.engine.device)
+    return cfg
 
 
 def _setup_logging() -> None:
@@ -133,8 +133,8 @@ class TideTritonModel:
         if not pb.using_decoupled_model_transaction_policy(model_config):
             raise pb.TritonModelException("model_repo/tide needs model_transaction_policy { decoupled: true }")
         path = resolve_config(model_config, args.get("model_repository", "."))
-        cfg = load_config(path)
-        _apply_instance(cfg, args.get("model_instance_kind", "CPU"), args.get("model_instance_device_id", "0"))
+        cfg = _apply_instance(load_config(path), args.get("model_instance_kind", "CPU"),
+                              args.get("model_instance_device_id", "0"))
         log.info("TIDE model %s: config %s", args.get("model_instance_name", "?"), path or "(defaults)")
         self.metrics = TritonMetrics(pb, {"model": args.get("model_name", "tide")})
         self.service = TideService.from_config(cfg, metrics_hook=self.metrics).start()

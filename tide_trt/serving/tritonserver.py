@@ -69,12 +69,11 @@ class TritonUrls:
 def find_tritonserver(explicit: str = "") -> TritonInstall:
     """Explicit path, else ``tritonserver`` on PATH (NVIDIA containers), else the nvidia-pytriton wheel."""
     wheel_dir = _pytriton_dir()
-    wheel_binary = wheel_dir / "tritonserver" / "bin" / "tritonserver" if wheel_dir else None
     if explicit:
         path = Path(explicit).expanduser()
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise TideError(f"tritonserver binary {path} does not exist or is not executable")
-        if wheel_binary is not None and path.resolve() == wheel_binary.resolve():
+        if wheel_dir is not None and path.resolve() == _wheel_binary(wheel_dir).resolve():
             return _wheel_install(wheel_dir)
         return _system_install(path)
     on_path = shutil.which("tritonserver")
@@ -82,7 +81,7 @@ def find_tritonserver(explicit: str = "") -> TritonInstall:
         SYSTEM_BACKENDS.is_dir() or (Path(on_path).resolve().parent.parent / "backends").is_dir()
     ):
         return _system_install(Path(on_path))
-    if wheel_binary is not None and wheel_binary.is_file():
+    if wheel_dir is not None and _wheel_binary(wheel_dir).is_file():
         return _wheel_install(wheel_dir)
     raise TideError(
         "no tritonserver found: not on PATH (with /opt/tritonserver/backends) and the nvidia-pytriton "
@@ -95,6 +94,10 @@ def _pytriton_dir() -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def _wheel_binary(wheel_dir: Path) -> Path:
+    return wheel_dir / "tritonserver" / "bin" / "tritonserver"
 
 
 def _system_install(binary: Path) -> TritonInstall:

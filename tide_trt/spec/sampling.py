@@ -158,6 +158,35 @@ def draw_uniforms(
     return out
 
 
+def draw_uniforms_ragged(
+    generators: Sequence[torch.Generator | None], widths: Sequence[int], device: torch.device | str
+) -> torch.Tensor:
+    """Uniform draws [N, max(widths)] float32; row i takes widths[i] numbers from generators[i] (NaN elsewhere).
+
+    A generator whose rows all have the same width draws exactly as :func:`draw_uniforms` (one
+    ``torch.rand(rows, width)``), so a request consumes the same numbers whatever the batch looks like.
+    """
+    n = len(generators)
+    width = max(widths) if n else 0
+    out = torch.full((n, width), math.nan, dtype=torch.float32, device=device)  # [N, W]
+    groups: dict[int, tuple[torch.Generator, list[int]]] = {}
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            groups.setdefault(id(gen), (gen, []))[1].append(row)
+    for gen, rows in groups.values():
+        ws = [int(widths[r]) for r in rows]
+        if all(w == ws[0] for w in ws):
+            u = torch.rand((len(rows), ws[0]), generator=gen, device=gen.device).to(device)  # [rows, w]
+            out[torch.tensor(rows, dtype=torch.int64, device=device), : ws[0]] = u
+            continue
+        flat = torch.rand(sum(ws), generator=gen, device=gen.device).to(device)  # [sum w]
+        offset = 0
+        for r, w in zip(rows, ws, strict=True):
+            out[r, :w] = flat[offset:offset + w]
+            offset += w
+    return out
+
+
 def _last_positive(w: torch.Tensor) -> torch.Tensor:
     """Index of the last entry > 0 of each row of w [N, M] (M - 1 for an all-zero row) -> [N]."""
     m = w.shape[-1]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tide_trt.spec.sampling import draw_uniforms, inverse_cdf_sample, logits_to_probs
+from tide_trt.spec.sampling import draw_uniforms_ragged, inverse_cdf_sample, logits_to_probs
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,19 @@ def _check_shapes(draft_ids: torch.Tensor, target: torch.Tensor) -> tuple[int, i
     return b, gamma, target.shape[2]
 
 
+def _row_gammas(gammas: torch.Tensor | Sequence[int] | None, b: int, gamma: int, device: torch.device
+                ) -> torch.Tensor:
+    """Per-row draft lengths [B] int64 in [0, gamma] (None: every row drafted gamma)."""
+    if gammas is None:
+        return torch.full((b,), gamma, dtype=torch.long, device=device)
+    g = torch.as_tensor(gammas, dtype=torch.long).to(device).reshape(-1)  # [B]
+    if g.shape[0] != b:
+        raise ValueError(f"need one draft length per row: {g.shape[0]} != {b}")
+    if b and (int(g.min()) < 0 or int(g.max()) > gamma):
+        raise ValueError(f"row draft lengths must lie in [0, {gamma}]")
+    return g
+
+
 def _assemble(draft_ids: torch.Tensor, num_accepted: torch.Tensor, last_token: torch.Tensor) -> VerifyResult:
     """Build the padded output from accepted counts [B] and the recovered/bonus token [B]."""
     b, gamma = draft_ids.shape
@@ -76,15 +89,20 @@ def _accepted_prefix(accept: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(accept.long(), dim=1).sum(dim=1)
 
 
-def greedy_verify(draft_ids: torch.Tensor, target_logits: torch.Tensor) -> VerifyResult:
+def greedy_verify(draft_ids: torch.Tensor, target_logits: torch.Tensor,
+                  gammas: torch.Tensor | Sequence[int] | None = None) -> VerifyResult:
     """Accept drafts while they equal ``argmax(target_logits[:, i])``; append the argmax after them.
 
     ``target_logits`` may also be probabilities: only the argmax (first index on ties) is used.
+    gammas [B]: row b drafted only its first gammas[b] columns (0: a plain decode row, whose output is the argmax
+    of target row 0); None: every row drafted all columns.
     """
-    _, gamma, _ = _check_shapes(draft_ids, target_logits)
+    b, gamma, _ = _check_shapes(draft_ids, target_logits)
     draft_ids = draft_ids.to(target_logits.device)  # [B, gamma]
+    g = _row_gammas(gammas, b, gamma, target_logits.device)  # [B]
     target_ids = target_logits.argmax(dim=-1)  # [B, gamma+1]
-    num_accepted = _accepted_prefix(draft_ids == target_ids[:, :gamma])  # [B]
+    in_draft = torch.arange(gamma, device=g.device)[None, :] < g[:, None]  # [B, gamma]
+    num_accepted = _accepted_prefix((draft_ids == target_ids[:, :gamma]) & in_draft)  # [B]
     last = target_ids.gather(1, num_accepted.unsqueeze(-1)).squeeze(-1)  # [B]
     return _assemble(draft_ids, num_accepted, last)
 
@@ -94,16 +112,18 @@ def rejection_verify(
     draft_probs: torch.Tensor | None,
     target_probs: torch.Tensor,
     generators: Sequence[torch.Generator | None],
+    gammas: torch.Tensor | Sequence[int] | None = None,
 ) -> VerifyResult:
     """Lossless speculative sampling; rows whose generator is None use :func:`greedy_verify`'s rule.
 
     draft_probs [B, gamma, V] (target vocabulary, zeros allowed) is the distribution each draft was
     sampled from; None means the drafts were chosen deterministically (q = one-hot at the draft).
     target_probs [B, gamma+1, V] are the processed target distributions (rows need not sum to 1).
+    gammas [B]: row b drafted its first gammas[b] columns (0 = ordinary sampling from target row 0); None: all.
     Draft d is accepted iff ``u * q(d) < p(d)`` (u ~ U[0,1)), i.e. with prob min(1, p/q) and never when
     p(d) = 0; the recovered token comes from norm(max(0, p - q)), or from p where that mass is
-    <= RESIDUAL_EPS; the bonus token from p[:, gamma]. Each sampled row draws gamma + 1 uniforms
-    (gamma acceptance tests, then one inverse-CDF draw), whatever the outcome.
+    <= RESIDUAL_EPS; the bonus token from p[:, gammas]. Each sampled row draws gammas[b] + 1 uniforms
+    (the acceptance tests, then one inverse-CDF draw), whatever the outcome.
     """
     b, gamma, v = _check_shapes(draft_ids, target_probs)
     if len(generators) != b:
@@ -112,43 +132,48 @@ def rejection_verify(
         raise ValueError(f"draft_probs must be [{b}, {gamma}, {v}], got {tuple(draft_probs.shape)}")
     device = target_probs.device
     draft_ids = draft_ids.to(device).long()  # [B, gamma]
-    if gamma > 0 and bool(((draft_ids < 0) | (draft_ids >= v)).any()):
+    g = _row_gammas(gammas, b, gamma, device)  # [B]
+    in_draft = torch.arange(gamma, device=device)[None, :] < g[:, None]  # [B, gamma]
+    if gamma > 0 and bool((((draft_ids < 0) | (draft_ids >= v)) & in_draft).any()):
         raise ValueError(f"draft_ids must be target vocabulary ids in [0, {v})")
-    sampled = torch.tensor([g is not None for g in generators], dtype=torch.bool, device=device)  # [B]
+    draft_ids = draft_ids.masked_fill(~in_draft, 0)  # padding columns: any valid id, never accepted
+    sampled = torch.tensor([gen is not None for gen in generators], dtype=torch.bool, device=device)  # [B]
     if not bool(sampled.any()):
-        return greedy_verify(draft_ids, target_probs)
+        return greedy_verify(draft_ids, target_probs, g)
 
     p = target_probs.float()  # [B, gamma+1, V]
-    u = torch.nan_to_num(draw_uniforms(generators, gamma + 1, device), nan=0.0)  # [B, gamma+1]
+    u = draw_uniforms_ragged(generators, (g + 1).tolist(), device)  # [B, max(g)+1]
+    u = torch.nan_to_num(torch.nn.functional.pad(u, (0, gamma + 1 - u.shape[1]), value=0.0), nan=0.0)  # [B, gamma+1]
     p_d = p[:, :gamma].gather(2, draft_ids.unsqueeze(-1)).squeeze(-1)  # [B, gamma]
     q = None if draft_probs is None else draft_probs.to(device).float()  # [B, gamma, V]
     q_d = (
         torch.ones_like(p_d) if q is None else q.gather(2, draft_ids.unsqueeze(-1)).squeeze(-1)
     )  # [B, gamma]
-    num_accepted = _accepted_prefix(u[:, :gamma] * q_d < p_d)  # [B]
+    num_accepted = _accepted_prefix((u[:, :gamma] * q_d < p_d) & in_draft)  # [B]
 
     rows = torch.arange(b, device=device)  # [B]
     p_k = p[rows, num_accepted]  # [B, V] target distribution at the first rejection (or the bonus slot)
+    bonus = num_accepted == g  # [B] every drafted token accepted (always true on gamma_b = 0 rows)
     if gamma > 0:
-        k = num_accepted.clamp(max=gamma - 1)  # [B]
+        k = torch.minimum(num_accepted, (g - 1).clamp(min=0))  # [B]
         if q is None:
             q_k = torch.zeros_like(p_k).scatter_(1, draft_ids[rows, k].unsqueeze(-1), 1.0)  # [B, V]
         else:
             q_k = q[rows, k]  # [B, V]
         residual = (p_k - q_k).clamp(min=0)  # [B, V]
         degenerate = residual.sum(-1) <= RESIDUAL_EPS  # [B]
-        use_p = (num_accepted == gamma) | degenerate  # [B]
+        use_p = bonus | degenerate  # [B]
         if logger.isEnabledFor(logging.DEBUG):
-            n_fallback = int((degenerate & (num_accepted < gamma) & sampled).sum())
+            n_fallback = int((degenerate & ~bonus & sampled).sum())
             logger.debug("rejection_verify: %d rows recovered from p (residual mass <= eps)", n_fallback)
         dist = torch.where(use_p.unsqueeze(-1), p_k, residual)  # [B, V]
     else:
         dist = p_k
-    last = inverse_cdf_sample(dist.clamp(min=0), u[:, gamma])  # [B]
+    last = inverse_cdf_sample(dist.clamp(min=0), u[rows, g])  # [B]
     result = _assemble(draft_ids, num_accepted, last)
 
     if bool((~sampled).any()):
-        greedy = greedy_verify(draft_ids, target_probs)
+        greedy = greedy_verify(draft_ids, target_probs, g)
         keep = sampled.unsqueeze(-1)  # [B, 1]
         result = VerifyResult(
             output_ids=torch.where(keep, result.output_ids, greedy.output_ids),
@@ -166,11 +191,13 @@ def mixed_verify(
     top_p: torch.Tensor,
     top_k: torch.Tensor,
     generators: Sequence[torch.Generator | None],
+    gammas: torch.Tensor | Sequence[int] | None = None,
 ) -> VerifyResult:
-    """Verify a batch mixing greedy and sampled rows straight from raw target logits.
+    """Verify a batch mixing greedy and sampled rows, and rows of different draft lengths, from raw target logits.
 
-    target_logits [B, gamma+1, V]; temperature/top_p/top_k [B] per-row params (as logits_to_probs).
-    A row is greedy iff its generator is None, which must coincide with temperature == 0.
+    target_logits [B, gamma+1, V]; temperature/top_p/top_k [B] per-row params (as logits_to_probs); gammas [B] per
+    row draft lengths (0 = an ordinary decode row; None = all gamma). A row is greedy iff its generator is None,
+    which must coincide with temperature == 0.
     """
     b, gamma, v = _check_shapes(draft_ids, target_logits)
     temperature = temperature.reshape(b)  # [B]
@@ -178,7 +205,7 @@ def mixed_verify(
     if is_greedy != [g is None for g in generators]:
         raise ValueError("generator must be None exactly on the rows with temperature == 0")
     if all(is_greedy):
-        return greedy_verify(draft_ids, target_logits)
+        return greedy_verify(draft_ids, target_logits, gammas)
 
     def per_token(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(b, 1).expand(b, gamma + 1).reshape(-1)  # [B*(gamma+1)]
@@ -186,7 +213,7 @@ def mixed_verify(
     target_probs = logits_to_probs(
         target_logits.reshape(b * (gamma + 1), v), per_token(temperature), per_token(top_p), per_token(top_k)
     ).reshape(b, gamma + 1, v)  # [B, gamma+1, V]
-    return rejection_verify(draft_ids, draft_probs, target_probs, generators)
+    return rejection_verify(draft_ids, draft_probs, target_probs, generators, gammas)
 
 
 def scatter_to_target_vocab(

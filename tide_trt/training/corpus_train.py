@@ -30,7 +30,7 @@ from tide_trt.errors import TideError
 from tide_trt.kernels import fast_bf16_matmul
 from tide_trt.online.trainer import Chunk, evaluate
 from tide_trt.training.state_cache import ShardData, iter_sequences, load_shard, masked_labels
-from tide_trt.training.ttt import collate, ttt_loss
+from tide_trt.training.ttt import ChainAcceptance, collate, ttt_loss
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +254,9 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
 
 def evaluate_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], device: str,
                     gammas: tuple[int, ...] = (1, 3, 5), chunk_len: int = 256, max_sequences: int | None = None
-                    ) -> dict[str, dict[str, float]]:
-    """Held-out simulated acceptance at each γ over the first `max_sequences` sequences (answer positions; a label
-    outside the draft vocabulary is a miss, as when serving): per-token acceptance p, α = accepted / drafted,
-    τ = 1 + mean accepted. Runs in float32, as the draft serves."""
+                    ) -> dict[str, ChainAcceptance]:
+    """Held-out simulated acceptance at each γ (by str(γ)) over the first `max_sequences` sequences (answer
+    positions; see ttt.simulated_acceptance for which positions count). Runs in float32, as the draft serves."""
     chunks = [c for shard, a, b, plen in iter_sequences(shards, max_sequences)
               for c in sequence_chunks(shard, a, b, plen, chunk_len, train_on_prompt=False)]
     head.to(device)

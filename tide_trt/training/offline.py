@@ -21,7 +21,7 @@ from tide_trt.draft.eagle3 import Eagle3Config, Eagle3Head
 from tide_trt.engine.base import TargetEngine
 from tide_trt.kernels import fast_bf16_matmul
 from tide_trt.training.data import Example
-from tide_trt.training.ttt import collate, simulated_acceptance, ttt_loss
+from tide_trt.training.ttt import ChainAcceptance, collate, simulated_acceptance, ttt_loss
 from tide_trt.training.vocab import build_draft_vocab
 
 log = logging.getLogger(__name__)
@@ -118,22 +118,16 @@ def train_head(head: Eagle3Head, train: list[Example], t2d: torch.Tensor, s: Tra
 
 
 def evaluate_head(head: Eagle3Head, examples: list[Example], t2d: torch.Tensor, gamma: int,
-                  chunk_len: int = 256, batch_size: int = 8) -> dict[str, float]:
-    """Held-out simulated acceptance (token-weighted over chains)."""
+                  chunk_len: int = 256, batch_size: int = 8) -> ChainAcceptance:
+    """Held-out simulated acceptance (ttt.simulated_acceptance summed over the examples' chunks)."""
     chunks = _chunks(examples, chunk_len)
-    total_acc = total_chains = 0.0
-    tau_sum = 0.0
+    total = ChainAcceptance(gamma)
     head.eval()
     for i in range(0, len(chunks), batch_size):
         batch = collate(chunks[i:i + batch_size])
         batch.hidden = batch.hidden.float()
-        r = simulated_acceptance(head, batch, t2d, gamma)
-        total_acc += r["alpha"] * r["chains"]
-        tau_sum += r["tau"] * r["chains"]
-        total_chains += r["chains"]
-    if total_chains == 0:
-        return {"alpha": 0.0, "tau": 1.0, "chains": 0}
-    return {"alpha": total_acc / total_chains, "tau": tau_sum / total_chains, "chains": int(total_chains)}
+        total += simulated_acceptance(head, batch, t2d, gamma)
+    return total
 
 
 def build_vocab_and_head(engine: TargetEngine, train: list[Example], draft_vocab_size: int):

