@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="drafts to compare: shipped names (v3, v4, default) or checkpoint directories")
     p.add_argument("--lookup-ngrams", type=int, nargs="+", default=[0],
                    help="draft.lookup_ngram values to run each draft with (0: the EAGLE-3 head alone)")
+    p.add_argument("--lookup-gammas", type=int, nargs="+", default=[0],
+                   help="draft.lookup_gamma values for the lookup runs (0: lookup rows draft γ like the others)")
     p.add_argument("--workload", choices=["sharegpt", "sharegpt-non-english", "humaneval"], default="sharegpt")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default=None)
@@ -119,8 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
             dtype=args.dtype, max_batch_size=max(args.batch_sizes), max_seq_len=512 + args.max_new_tokens + 16
         ),
     )
-    drafters = {(name if n == 0 else f"{name}+lookup{n}"): build_drafter(engine, resolve_draft_path(name), n)
-                for name in args.drafts for n in args.lookup_ngrams}
+    drafters = {}
+    for name in args.drafts:
+        for n in args.lookup_ngrams:
+            for lg in (args.lookup_gammas if n > 0 else [0]):
+                label = name if n == 0 else f"{name}+lookup{n}" + (f"@γ{lg}" if lg else "")
+                drafters[label] = build_drafter(engine, resolve_draft_path(name), n, lg)
     if args.workload == "humaneval":
         texts = humaneval_prompts(args.prompts)
     else:
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "workload": args.workload,
         "drafts": {name: str(resolve_draft_path(name)) for name in args.drafts},
         "lookup_ngrams": args.lookup_ngrams,
+        "lookup_gammas": args.lookup_gammas,
         "runs": {},
     }
     hf_model = None

@@ -123,6 +123,7 @@ class Report:
         fd, tmp = tempfile.mkstemp(prefix=".gpu_check-", suffix=".json", dir=self.out.parent)
         with os.fdopen(fd, "w") as fh:
             json.dump(self.data, fh, indent=2)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, self.out)
 
     def skip(self, name: str, reason: str) -> None:
@@ -166,7 +167,7 @@ def engine_config(args: argparse.Namespace, dtype: str, graphs: bool, max_batch_
     want: dict[str, Any] = {"device": args.device, "dtype": dtype, "max_batch_size": max_batch_size,
                             "max_seq_len": max_seq_len, "cpu_kernels": args.cpu_kernels, "cuda_graphs": graphs}
     if args.batch_invariant != "default":
-        want["batch_invariant"] = args.batch_invariant == "on"
+        want["batch_invariant"] = args.batch_invariant
     if args.max_num_tokens:
         want["max_num_tokens"] = args.max_num_tokens
     if args.threads:
@@ -652,32 +653,41 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     return finish(report)
 
 
-def _variants(args: argparse.Namespace) -> list[tuple[str, bool]]:
-    """(dtype, graphs) in priority order: the throughput dtype with graphs on first (everything is measured on
-    it), then its graphs-off twin, then the other lossless dtypes."""
-    order = [(args.throughput_dtype, g) for g in args.graphs]
-    order += [(d, g) for d in args.dtypes for g in args.graphs if (d, g) not in order]
-    timed = bool({"throughput", "profile", "breakdown"} & set(args.sections))
-    return [(d, g) for d, g in order
-            if ("lossless" in args.sections and d in args.dtypes) or (timed and d == args.throughput_dtype)]
+def plan(args: argparse.Namespace) -> list[tuple[str, bool, list[str]]]:
+    """(dtype, graphs, parts) in priority order: the throughput dtype with the first graphs setting gets every
+    part (lossless, throughput with HF beside it, profile, breakdown); then the lossless check of every other
+    (dtype, graphs) variant; last the throughput of the other graphs settings (their engines are rebuilt)."""
+    first = (args.throughput_dtype, args.graphs[0])
+    variants = [(args.throughput_dtype, g) for g in args.graphs]
+    variants += [(d, g) for d in args.dtypes for g in args.graphs if (d, g) not in variants]
+    out: list[tuple[str, bool, list[str]]] = []
+    for d, g in variants:
+        parts = ["lossless"] if "lossless" in args.sections and d in args.dtypes else []
+        if (d, g) == first:
+            parts += [p for p in ("throughput", "profile", "breakdown") if p in args.sections]
+        if parts:
+            out.append((d, g, parts))
+    if "throughput" in args.sections:
+        out += [(args.throughput_dtype, g, ["throughput"]) for g in args.graphs[1:]]
+    return out
 
 
 def _measure(report: Report, models: Models, prompts: list[list[int]], args: argparse.Namespace) -> None:
     result, budget = report.data, report.budget
     hf_model = None
-    for dtype, graphs in _variants(args):
+    for k, (dtype, graphs, parts) in enumerate(plan(args)):
         rig = report.run(f"build {dtype}/graphs_{'on' if graphs else 'off'}", lambda d=dtype, g=graphs:
                          models.build(d, g))
         if rig is None:
             continue
         result.setdefault("engines", {})[rig.name] = rig.config
-        if "lossless" in args.sections and dtype in args.dtypes:
+        if "lossless" in parts:
             row = report.run(f"lossless {rig.name}", lambda r=rig: lossless_check(r, prompts[:args.lossless_prompts],
                                                                                    args))
             if row is not None:
                 result["lossless"][rig.name] = row
-        if "throughput" in args.sections and dtype == args.throughput_dtype:
-            if hf_model is None and "hf" in args.sections:
+        if "throughput" in parts:
+            if k == 0 and "hf" in args.sections:  # HF generate beside the first engine variant only
                 hf_dtype = args.hf_dtype if args.hf_dtype != "auto" else (
                     dtype if args.device.startswith("cuda") else "float32")
                 hf_model = report.run("load HF model", lambda d=hf_dtype: load_hf(models, d, args.device))
@@ -688,21 +698,19 @@ def _measure(report: Report, models: Models, prompts: list[list[int]], args: arg
                                  throughput(r, prompts, b, args, budget, h))
                 if row is not None:
                     table[f"bs{bs}"] = row
-        if dtype == args.throughput_dtype and graphs == args.graphs[0]:
-            if "profile" in args.sections:
-                result["profile"] = report.run(f"profile {rig.name}", lambda r=rig: profile_table(r, args))
-            if "breakdown" in args.sections:
-                table = result["step_breakdown"].setdefault(rig.name, {})
-                for bs in args.breakdown_batch_sizes:
-                    row = report.run(f"breakdown {rig.name} bs {bs}", lambda r=rig, b=bs:
-                                     step_breakdown(r, prompts, b, args))
-                    if row is not None:
-                        table[f"bs{bs}"] = row
+            hf_model = None
+        if "profile" in parts:
+            result["profile"] = report.run(f"profile {rig.name}", lambda r=rig: profile_table(r, args))
+        if "breakdown" in parts:
+            table = result["step_breakdown"].setdefault(rig.name, {})
+            for bs in args.breakdown_batch_sizes:
+                row = report.run(f"breakdown {rig.name} bs {bs}", lambda r=rig, b=bs:
+                                 step_breakdown(r, prompts, b, args))
+                if row is not None:
+                    table[f"bs{bs}"] = row
         del rig
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    if hf_model is not None:
-        del hf_model
 
 
 def finish(report: Report) -> dict[str, Any]:
@@ -784,7 +792,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], help="dtypes of the lossless check")
     p.add_argument("--graphs", nargs="+", choices=["on", "off"], default=["on", "off"],
                    help="engine.cuda_graphs values (first: the one profiled and broken down)")
-    p.add_argument("--batch-invariant", choices=["default", "on", "off"], default="default",
+    p.add_argument("--batch-invariant", choices=["default", "auto", "on", "off"], default="default",
                    help="engine.batch_invariant (default: EngineConfig's default)")
     p.add_argument("--max-num-tokens", type=int, default=0, help="engine.max_num_tokens (0: config default)")
     p.add_argument("--cpu-kernels", default="auto", help="engine.cpu_kernels (CPU only)")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from tests.oracle_draft import OracleDraft
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -80,16 +84,11 @@ def random_prompts(n: int, vocab: int, seed: int, min_len: int = 2, max_len: int
 
 
 @pytest.fixture(scope="session")
-def tiny_oracle(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):
+def tiny_oracle(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> OracleDraft:
     """An oracle EAGLE-3 draft for the tiny target (`tiny_checkpoint`): a real head overfitted on the target's own
     greedy continuations of the scheduler and refit tests' prompts (tests/oracle_draft.py), saved as a normal
     checkpoint. On those prompts it proposes what the target will emit, so τ is close to γ + 1."""
     from tests.oracle_draft import TINY_ORACLE_MAX_NEW, build_oracle_draft, tiny_oracle_prompts
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is faster on a shared machine
-    try:
-        return build_oracle_draft(make_engine(tiny_checkpoint), tiny_oracle_prompts(), TINY_ORACLE_MAX_NEW,
-                                  tmp_path_factory.mktemp("tiny-oracle") / "draft", gamma=4)
-    finally:
-        torch.set_num_threads(n)
+    return build_oracle_draft(make_engine(tiny_checkpoint), tiny_oracle_prompts(), TINY_ORACLE_MAX_NEW,
+                              tmp_path_factory.mktemp("tiny-oracle") / "draft", gamma=4)

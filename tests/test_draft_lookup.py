@@ -108,3 +108,26 @@ def test_negative_lookup_ngram_is_refused():
 
     with pytest.raises(TideError, match="lookup_ngram"):
         config_from_dict({"draft": {"lookup_ngram": -1}})
+
+
+def test_rows_the_lookup_covers_draft_lookup_gamma_tokens(tiny_checkpoint):
+    """draft.lookup_gamma: a row whose history repeats drafts lookup_gamma tokens (per-row γ) while head rows keep γ;
+    greedy output stays identical to plain decoding and the long lookup drafts are accepted."""
+    engine = make_engine(tiny_checkpoint)
+    prompts = _loopy_prompts(4, 96, seed=12) + random_prompts(3, 96, seed=12)
+    plain = _run(engine, None, prompts, 0)
+    torch.manual_seed(0)
+    head = new_head(engine, torch.arange(96))
+    drafter = ChainDrafter(head, 8, 256, torch.float32, "cpu", lookup_ngram=2, lookup_gamma=6)
+    gen = SpeculativeGenerator(engine, drafter)
+    for i, p in enumerate(prompts):
+        gen.add(GenerationRequest(str(i), p, 32))
+    drafted: set[int] = set()
+    longest = 0
+    while any(not s.finished for s in gen.sequences.values()):
+        for ev in gen.step(2):
+            drafted.add(ev.num_draft)
+            longest = max(longest, ev.num_accepted)
+    assert [gen.sequences[str(i)].output_ids for i in range(len(prompts))] == [s.output_ids for s in plain]
+    assert {2, 6} <= drafted  # head rows at γ = 2 and lookup rows at lookup_gamma = 6 (in the same run)
+    assert longest > 2  # more tokens accepted in one step than γ allows

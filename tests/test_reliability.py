@@ -490,9 +490,15 @@ def test_sigterm_with_broken_client_streams_stops_everything_in_grace(served: Se
     body = json.dumps({"text_input": PROMPTS[1], "max_tokens": 128, "stream": True}).encode()
     sock.sendall(b"POST /v2/models/tide/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
-    assert b"data:" in sock.recv(4096)
+    got = b""
+    while b"data:" not in got:  # headers, then the first event: the stream is running
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
+    # the server goes on serving after the reset stream
+    assert generate(served.grpc, PROMPT, 16, stream=True, timeout_s=60).text == served.greedy[PROMPT]
     # ... and a gRPC client killed mid-stream
     client = subprocess.Popen([sys.executable, "-c", _GRPC_CLIENT, served.grpc, PROMPTS[2]],
                               stdout=subprocess.PIPE, text=True)  # fmt: skip

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.oracle_draft import SCHEDULER_PROMPTS, char_ids
 from tide_trt.config import EngineConfig, config_from_dict
 from tide_trt.engine.generator import SequenceState, SpeculativeGenerator, StepEvent
 from tide_trt.engine.hooks import StaticGamma
@@ -184,7 +185,7 @@ class CharTokenizer:
     chat_template = None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [3 + (ord(c) - 32) % 93 for c in text]
+        return char_ids(text)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(32 + i - 3) if i >= 3 else ("" if skip_special_tokens else f"<{i}>") for i in ids)
@@ -246,7 +247,7 @@ def wait_idle(service: TideService, timeout: float = 10) -> dict[str, float]:
     raise AssertionError(f"not idle: {service.snapshot()}")
 
 
-PROMPTS = ["hello world", "abc", "The quick brown fox", "zz", "speculative decoding", "x y z"]
+PROMPTS = SCHEDULER_PROMPTS  # the oracle draft (`tiny_oracle`) memorised their greedy continuations
 
 
 def test_continuous_batching_matches_engine(tiny_dir: Path) -> None:

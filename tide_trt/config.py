@@ -30,6 +30,7 @@ def default_cache_dir() -> Path:
 
 Backend = Literal["torch", "trtllm"]
 Dtype = Literal["float32", "bfloat16", "float16"]
+BatchInvariant = Literal["auto", "on", "off"]
 CpuKernels = Literal["auto", "off"]
 ControllerMode = Literal["adaptive", "static", "off"]
 GateBaseline = Literal["served", "parent", "max"]
@@ -111,11 +112,12 @@ class EngineConfig(_Section):
     # token budget of one engine step (decode/verify tokens first, then prompt chunks): long prompts are prefilled
     # in chunks across steps while other sequences keep decoding; a TensorRT-LLM engine's own max_num_tokens caps it
     max_num_tokens: int = _num(512, ge=1)
-    # CUDA only: capture fixed-shape decode / verify / draft steps as CUDA graphs per (batch bucket, γ) and replay
+    # CUDA only: capture fixed-shape steps (models/static_forward.py) as CUDA graphs per padded step size and replay
     cuda_graphs: bool = True
-    # CUDA only: greedy verification and plain decoding run through the same fixed-shape GEMMs, so speculative
-    # greedy output is token-identical to plain greedy output in bf16
-    batch_invariant: bool = True
+    # every token computed by the same fixed-shape tiles whatever its step holds, so greedy speculative output is
+    # token-identical to plain greedy output in bf16: "auto" = on for CUDA (the CPU native kernel is invariant
+    # already), "on" = everywhere (slower on CPU), "off"
+    batch_invariant: BatchInvariant = "auto"
 
     def _check(self) -> None:
         if not _DEVICE_RE.fullmatch(self.device):
@@ -135,8 +137,14 @@ class DraftConfig(_Section):
     # instead of the head's chain; 0: the EAGLE-3 head alone. Off by default: served acceptance then mixes lookup
     # and head, so pair it with trainer.gate_baseline "parent" (docs/ARCHITECTURE.md, Draft)
     lookup_ngram: int = _num(0, ge=0)
+    # > 0 (with lookup_ngram): a row whose history repeats drafts this many lookup tokens instead of γ (per-row draft
+    # lengths: a loop continues for many tokens, the head's chain does not); 0: lookup rows draft γ like the others
+    lookup_gamma: int = _num(0, ge=0)
 
     def _check(self) -> None:
+        if self.lookup_gamma > self.gamma_max:
+            raise ConfigError(f"draft.lookup_gamma must be <= draft.gamma_max={self.gamma_max}, "
+                              f"got {self.lookup_gamma}")
         if self.gamma > self.gamma_max:
             raise ConfigError(f"draft.gamma must be in [1, {self.gamma_max}] (draft.gamma_max), got {self.gamma}")
 

@@ -56,13 +56,14 @@ def build_engine(cfg: TideConfig) -> TargetEngine:
     return TorchTargetEngine.from_config(cfg.model, cfg.engine)
 
 
-def build_drafter(engine: TargetEngine, draft_path: str | Path, lookup_ngram: int = 0) -> ChainDrafter:
+def build_drafter(engine: TargetEngine, draft_path: str | Path, lookup_ngram: int = 0,
+                  lookup_gamma: int = 0) -> ChainDrafter:
     """Load + validate a draft checkpoint for this engine and wrap it in a serving drafter (`lookup_ngram` > 0:
     n-gram lookup proposals where the sequence repeats itself, see draft/lookup.py; `draft.lookup_ngram`, validated
-    by the config)."""
+    by the config; `lookup_gamma` > 0: rows the lookup covers draft that many tokens)."""
     head, manifest = load_draft(draft_path, engine.info, engine.embedding_weight())
     return ChainDrafter.for_engine(head, engine.info, version=int(manifest.get("version", 0)),
-                                   lookup_ngram=lookup_ngram)
+                                   lookup_ngram=lookup_ngram, lookup_gamma=lookup_gamma)
 
 
 @runtime_checkable

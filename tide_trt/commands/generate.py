@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         read_draft_config(draft_path)  # fail fast on an unreadable draft before loading the target
     cfg = replace(cfg, engine=replace(cfg.engine, max_batch_size=1))
     engine = build_engine(cfg)
-    drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram) if draft_path else None
+    drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram,
+                                  cfg.draft.lookup_gamma) if draft_path else None
     prompt_ids = encode_prompt(engine.tokenizer, args.prompt, chat=not args.raw)
     gen = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)
     req = make_request("cli", prompt_ids, args.max_tokens, sampling, engine.info.eos_token_ids)

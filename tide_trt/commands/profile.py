@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     engine = build_engine(cfg)
     draft_path = resolve_draft_path(args.draft or cfg.draft.path)
-    drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram) if draft_path else None
+    drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram,
+                                  cfg.draft.lookup_gamma) if draft_path else None
     gamma_max = cfg.draft.gamma_max if args.gamma_max is None else args.gamma_max
     profile = cached_engine_profile(engine, drafter, gamma_max, refresh=not args.cached)
     if args.json:

@@ -43,8 +43,9 @@ class DraftSampling:
 
 class ChainDrafter:
     def __init__(self, head: Eagle3Head, max_slots: int, max_seq_len: int, dtype: torch.dtype, device: str,
-                 version: int = 0, native_linears: bool = False, lookup_ngram: int = 0):
+                 version: int = 0, native_linears: bool = False, lookup_ngram: int = 0, lookup_gamma: int = 0):
         self.lookup_ngram = lookup_ngram  # > 0: n-gram lookup proposals where the history repeats (draft/lookup.py)
+        self.lookup_gamma = lookup_gamma  # > 0: draft length of rows the lookup covers (per-row γ)
         self.dtype = dtype  # activations (float32 with native linears, whose weights stay bfloat16)
         self.native_linears = native_linears
         self.device = device
@@ -57,11 +58,17 @@ class ChainDrafter:
         self.version = version
 
     @classmethod
-    def for_engine(cls, head: Eagle3Head, info: ModelInfo, version: int = 0, lookup_ngram: int = 0) -> ChainDrafter:
+    def for_engine(cls, head: Eagle3Head, info: ModelInfo, version: int = 0, lookup_ngram: int = 0,
+                   lookup_gamma: int = 0) -> ChainDrafter:
         """A drafter sized and typed for the engine described by `info` (slots, context, activation dtype,
         native linears)."""
         return cls(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, info.device,
-                   version=version, native_linears=info.native_linears, lookup_ngram=lookup_ngram)
+                   version=version, native_linears=info.native_linears, lookup_ngram=lookup_ngram,
+                   lookup_gamma=lookup_gamma)
+
+    def lookup_covers(self, history: list[int]) -> bool:
+        """The n-gram lookup would propose for this history (its last lookup_ngram tokens occurred earlier)."""
+        return self.lookup_ngram > 0 and lookup_continuation(np.asarray(history), self.lookup_ngram, 1) is not None
 
     def _serving_copy(self, head: Eagle3Head) -> Eagle3Head:
         embed = head.embed
@@ -108,14 +115,17 @@ class ChainDrafter:
 
     @torch.inference_mode()
     def propose(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]],
-                gamma: int, sampling: DraftSampling | None, histories: list[list[int]] | None = None
-                ) -> DraftProposal:
+                gamma: int, sampling: DraftSampling | None, histories: list[list[int]] | None = None,
+                gammas: list[int] | None = None) -> DraftProposal:
         """pending_hidden[b] [m_b, C, H] / pending_tokens[b] (m_b ids): the true entries not yet cached.
         histories[b]: the row's whole token sequence, for n-gram lookup proposals (when `lookup_ngram` > 0); the
-        head always catches up, so its cache stays current whichever proposal a row takes."""
-        lookups = [None] * len(slots)
+        head always catches up, so its cache stays current whichever proposal a row takes.
+        gammas[b]: the row's draft length (None: γ for all); the result is [B, γ] with row b valid up to gammas[b]."""
+        row_gamma = gammas if gammas is not None else [gamma] * len(slots)
+        lookups: list[list[int] | None] = [None] * len(slots)
         if self.lookup_ngram > 0 and histories is not None:
-            lookups = [lookup_continuation(np.asarray(h), self.lookup_ngram, gamma) for h in histories]
+            lookups = [lookup_continuation(np.asarray(h), self.lookup_ngram, g) for h, g in zip(histories, row_gamma,
+                                                                                               strict=True)]
         head = self.head
         dev = self.device
         bsz = len(slots)
@@ -133,32 +143,31 @@ class ChainDrafter:
             logits = torch.cat([r[1] for r in rows])
         for s, n in zip(slots, counts, strict=True):
             self.cached[s] += n
-        out_tokens, out_probs = [], []
+        # the head's chain runs as long as the longest row it drafts for (rows the lookup covers need none)
+        chain_steps = max((g for g, lk in zip(row_gamma, lookups, strict=True) if lk is None), default=0)
+        tokens = torch.zeros(bsz, gamma, dtype=torch.long, device=dev)  # [B, gamma]
+        probs = None if sampling is None else torch.zeros(bsz, gamma, self.head.cfg.target_vocab_size,
+                                                          device=dev)  # [B, gamma, V]
         zero = torch.zeros(bsz, dtype=torch.long, device=dev)
-        chain_steps = 0 if all(lk is not None for lk in lookups) else gamma  # every row looked up: no chain
         for j in range(chain_steps):
-            draft_ids, probs = self._pick(logits, sampling)  # [B] target ids, [B, V] or None
-            out_tokens.append(draft_ids)
-            if probs is not None:
-                out_probs.append(probs)
-            if j == gamma - 1:
+            draft_ids, step_probs = self._pick(logits, sampling)  # [B] target ids, [B, V] or None
+            tokens[:, j] = draft_ids
+            if probs is not None and step_probs is not None:
+                probs[:, j] = step_probs
+            if j == chain_steps - 1:
                 break
             hidden, logits = head.step(self.cache, slot_t, hidden[:, None], draft_ids[:, None], pos, zero)
             pos = pos + 1
-        if chain_steps:
-            tokens = torch.stack(out_tokens, dim=1)  # [B, gamma]
-            probs = torch.stack(out_probs, dim=1) if out_probs else None  # [B, gamma, V]
-        else:
-            tokens = torch.zeros(bsz, gamma, dtype=torch.long, device=dev)
-            probs = None if sampling is None else torch.zeros(bsz, gamma, self.head.cfg.target_vocab_size,
-                                                              device=dev)
         from_lookup = [lk is not None for lk in lookups]
-        if any(from_lookup):
-            rows = [b for b, lk in enumerate(lookups) if lk is not None]
-            looked = torch.tensor([lookups[b] for b in rows], dtype=torch.long, device=dev)  # [k, gamma]
-            tokens[rows] = looked
+        for b, lk in enumerate(lookups):
+            if lk is None:
+                continue
+            looked = torch.tensor(lk, dtype=torch.long, device=dev)  # [g_b]
+            tokens[b] = 0
+            tokens[b, : len(lk)] = looked
             if probs is not None:  # a lookup draft is deterministic: its distribution is one-hot
-                probs[rows] = torch.nn.functional.one_hot(looked, probs.shape[-1]).to(probs.dtype)
+                probs[b] = 0
+                probs[b, : len(lk)] = torch.nn.functional.one_hot(looked, probs.shape[-1]).to(probs.dtype)
         return DraftProposal(tokens, probs, from_lookup)
 
     def _catch_up(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]]

@@ -100,8 +100,11 @@ class TargetEngine(ABC):
     def truncate(self, slot: int, length: int) -> None:
         """Roll back a slot to `length` cached tokens (rejected drafts); no copy."""
 
-    # most tokens one step may carry (decode/verification tokens plus prompt chunks); the step loop never exceeds it
-    max_num_tokens: int = 1 << 30
+    @property
+    def max_num_tokens(self) -> int:
+        """Most tokens one step may carry (decode/verification tokens plus prompt chunks); the step loop never
+        exceeds it."""
+        return 1 << 30
 
     def forward_step(self, batch: StepBatch) -> StepOutput:
         """Run one flat step: append each row's tokens to its slot (rows start at the slot's current length) and

@@ -124,7 +124,7 @@ class SpeculativeGenerator:
         # prompt, it restarts on the last ones instead of a draft prefill over the whole context
         self.catch_up_window = max(int(catch_up_window), 0)
         info = engine.info
-        self.max_num_tokens = int(getattr(engine, "max_num_tokens", 1 << 30))
+        self.max_num_tokens = engine.max_num_tokens
         if self.max_num_tokens < info.max_batch_size:
             raise TideError(f"the engine's token budget max_num_tokens={self.max_num_tokens} is below its "
                             f"max_batch_size={info.max_batch_size}: a step could not carry every running sequence")
@@ -219,6 +219,8 @@ class SpeculativeGenerator:
             g = gamma if drafting is None or rid in drafting else 0
             if overrides is not None and rid in overrides:
                 g = overrides[rid]
+            elif g > 0 and self.drafter.lookup_gamma > 0 and self.drafter.lookup_covers(s.tokens):
+                g = self.drafter.lookup_gamma
             out.append(max(0, min(g, max_seq - len(s.tokens))))
         limit = self.max_num_tokens
         if prefill_waiting:
@@ -233,6 +235,7 @@ class SpeculativeGenerator:
         if not drafting:
             return _Proposal({}, None, [])
         drafter = self.drafter
+        assert drafter is not None  # rows draft only with a drafter (_row_gammas)
         gmax = max(row_gammas)
         pend_h, pend_t = [], []
         window = self.catch_up_window
@@ -245,7 +248,8 @@ class SpeculativeGenerator:
             pend_t.append(s.tokens[lo + 1: hi + 1])
         sampling = self._draft_sampling(drafting)
         histories = [s.tokens for s in drafting] if drafter.lookup_ngram > 0 else None
-        proposal = drafter.propose([s.slot for s in drafting], pend_h, pend_t, gmax, sampling, histories)
+        proposal = drafter.propose([s.slot for s in drafting], pend_h, pend_t, gmax, sampling, histories,
+                                   [g for g in row_gammas if g > 0])
         tokens = proposal.tokens.tolist()
         return _Proposal({s.slot: tokens[j] for j, s in enumerate(drafting)}, proposal.probs,
                          [s.slot for s in drafting])
@@ -280,14 +284,15 @@ class SpeculativeGenerator:
                 g = batch.rows[r].gamma
                 if g:
                     drafts[k, :g] = torch.tensor(proposal.tokens[s.slot][:g])
-                    if draft_probs is not None:
+                    if draft_probs is not None and proposal.probs is not None:
                         draft_probs[k, :g] = proposal.probs[prow[s.slot], :g]
             seqs = [s for _, s in verify_rows]
             params = [s.request.sampling for s in seqs]
             result = mixed_verify(drafts, draft_probs, target, torch.tensor([p.temperature for p in params]),
                                   torch.tensor([p.top_p for p in params]), torch.tensor([p.top_k for p in params]),
                                   [s.generator for s in seqs], gam)
-            ids, counts = result.output_ids.tolist(), result.num_output.tolist()
+            packed = torch.cat([result.num_output[:, None], result.output_ids], dim=1).tolist()  # one copy to host
+            ids, counts = [row[1:] for row in packed], [row[0] for row in packed]
             for k, (r, _) in enumerate(verify_rows):
                 new_ids[r] = ids[k][:counts[k]]
                 accepted[r] = counts[k] - 1

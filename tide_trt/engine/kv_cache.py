@@ -73,6 +73,7 @@ class KVCache:
         """Store k/v [B, Hkv, T, D] at each sequence's positions; return keys/values [B, Hkv, key_len, D]."""
         kc, vc = self.k[layer], self.v[layer]
         if lay.write_slots is None:
+            assert lay.slot_range is not None  # the contiguous fast path always has a slot range
             lo, hi = lay.slot_range
             p = lay.start_pos
             kc[lo:hi, :, p:p + lay.num_new] = k

@@ -64,7 +64,10 @@ class StepBatch:
         if len(set(slots)) != len(slots):
             raise ValueError("a slot appears twice in one step")
         counts = [len(r.tokens) for r in rows]
-        token_ids, positions, token_slots, logit_index = [], [], [], []
+        token_ids: list[int] = []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        logit_index: list[int] = []
         cu, lcu, offset = [0], [0], 0
         for r, n in zip(rows, counts, strict=True):
             token_ids.extend(r.tokens)

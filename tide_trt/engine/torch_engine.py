@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
-from tide_trt.config import EngineConfig, ModelConfig
+from tide_trt.config import DraftConfig, EngineConfig, ModelConfig
 from tide_trt.engine.base import DTYPES, ModelInfo, TargetEngine, default_capture_layers
+from tide_trt.engine.cuda_graphs import StepGraphs
 from tide_trt.engine.kv_cache import KVCache
 from tide_trt.engine.step_batch import StepBatch, StepOutput
 from tide_trt.errors import TideError
 from tide_trt.models.llama import LlamaModel, LlamaWeights
 from tide_trt.models.loader import LoadedCheckpoint, load_checkpoint, load_tokenizer
+from tide_trt.models.static_forward import padded_size, static_forward
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +56,26 @@ class TorchTargetEngine(TargetEngine):
         self.device = cfg.device
         self.weights = LlamaWeights(arch, ckpt.state, dtype, cfg.device, compute_dtype=compute)
         self.model = LlamaModel(arch, self.weights, cfg.max_seq_len, compute, cfg.device)
-        self.cache = KVCache(arch.num_layers, cfg.max_batch_size, arch.num_kv_heads, cfg.max_seq_len,
-                             arch.head_dim, compute, cfg.device)
+        on_cuda = cfg.device.startswith("cuda")
+        # fixed-shape steps: batch-invariant numerics, and the shape CUDA graphs need
+        self.static_steps = cfg.batch_invariant == "on" or (on_cuda and not native and (
+            cfg.batch_invariant == "auto" or cfg.cuda_graphs))
+        self.scratch_slot = cfg.max_batch_size  # padding tokens of fixed-shape steps write here; no sequence owns it
+        self.cache = KVCache(arch.num_layers, cfg.max_batch_size + int(self.static_steps), arch.num_kv_heads,
+                             cfg.max_seq_len, arch.head_dim, compute, cfg.device)
         self.capture_layers = capture
         self.tokenizer = tokenizer
         self.checkpoint_dir = ckpt.path
-        self.info = ModelInfo(
-            name=ckpt.name, fingerprint=ckpt.fingerprint, vocab_size=arch.vocab_size,
-            hidden_size=arch.hidden_size, num_layers=arch.num_layers, num_heads=arch.num_heads,
-            num_kv_heads=arch.num_kv_heads, head_dim=arch.head_dim, intermediate_size=arch.intermediate_size,
-            rms_norm_eps=arch.rms_norm_eps, rope_theta=arch.rope_theta, capture_layers=capture,
-            eos_token_ids=arch.eos_token_ids, max_seq_len=cfg.max_seq_len, max_batch_size=cfg.max_batch_size,
-            dtype=cfg.dtype, device=cfg.device, native_linears=native,
-        )
-        log.info("torch engine: %s weights, %s activations%s", cfg.dtype, str(compute).removeprefix("torch."),
-                 " (native CPU kernel)" if native else "")
-        if cfg.max_num_tokens < 1:
-            raise TideError(f"engine.max_num_tokens must be >= 1, got {cfg.max_num_tokens}")
-        self.max_num_tokens = cfg.max_num_tokens
+        self.info = ModelInfo.from_arch(
+            arch, name=ckpt.name, fingerprint=ckpt.fingerprint, capture_layers=capture, max_seq_len=cfg.max_seq_len,
+            max_batch_size=cfg.max_batch_size, dtype=cfg.dtype, device=cfg.device, native_linears=native)
+        self._max_num_tokens = cfg.max_num_tokens
+        graph_tokens = padded_size(min(cfg.max_num_tokens, cfg.max_batch_size * (DraftConfig.gamma_max + 1)))
+        self.graphs = StepGraphs(self._static_step, cfg.device, self.scratch_slot, graph_tokens,
+                                 enabled=self.static_steps and cfg.cuda_graphs)
+        log.info("torch engine: %s weights, %s activations%s%s%s", cfg.dtype, str(compute).removeprefix("torch."),
+                 " (native CPU kernel)" if native else "", ", fixed-shape batch-invariant steps" if self.static_steps
+                 else "", ", CUDA graphs" if self.graphs.enabled else "")
         self._lengths = [0] * cfg.max_batch_size
         self._free = list(range(cfg.max_batch_size - 1, -1, -1))  # pop() hands out low slots first
 
@@ -124,10 +129,33 @@ class TorchTargetEngine(TargetEngine):
                                  f"{self._lengths[row.slot]} tokens")
             if row.start + len(row.tokens) > self.info.max_seq_len:
                 raise TideError(f"sequence in slot {row.slot} would exceed max_seq_len={self.info.max_seq_len}")
-        logits, hidden = self.model.forward(self.cache, batch, self.capture_layers)
+        if self.static_steps:
+            logits, hidden = self._forward_static(batch)
+        else:
+            logits, hidden = self.model.forward(self.cache, batch, self.capture_layers)
         for row in batch.rows:
             self._lengths[row.slot] += len(row.tokens)
         return StepOutput(logits, hidden)
+
+    @property
+    def max_num_tokens(self) -> int:
+        """engine.max_num_tokens: the step loop's token budget (a scheduling bound; this engine has no hard one)."""
+        return self._max_num_tokens
+
+    def _forward_static(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step padded to a multiple of the tile (padding -> the scratch slot), run by the fixed-shape forward
+        (replayed from a CUDA graph when captured). Returns (logits [M, V], hidden [N, C, H])."""
+        n = batch.num_tokens
+        pad = padded_size(n) - n
+        ids = F.pad(batch.token_ids, (0, pad))  # [P]
+        pos = F.pad(batch.positions, (0, pad))
+        slots = F.pad(batch.token_slots, (0, pad), value=self.scratch_slot)
+        logits, hidden = self.graphs.run(ids, pos, slots)  # [P, V], [P, C, H]
+        return logits[batch.logit_index], hidden[:n]
+
+    def _static_step(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return static_forward(self.model, self.cache, ids, pos, slots, self.capture_layers)
 
     def use_prefill_linears(self) -> None:
         """Bulk-prefill mode for training data: with native linears, run float32 copies of the bf16 weights

@@ -228,7 +228,7 @@ class _TrtSession:
                 "TensorRT version other than the one that built it)"
             )
         session = cls(trt, engine, device)
-        session.runtime = runtime  # the runtime must outlive its engine
+        session.runtime = runtime  # type: ignore[attr-defined]  # kept alive with its engine (no other use)
         return session
 
     def input_rank(self, name: str) -> int:

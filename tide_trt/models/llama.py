@@ -277,7 +277,8 @@ def _group(batch: StepBatch, cache: KVCache, rows: list[int], offsets: list[int]
     token_range = (offsets[rows[0]], offsets[rows[-1] + 1]) if uniform else None
     gather = valid = None
     if not uniform:
-        index, real = [], []
+        index: list[int] = []
+        real: list[bool] = []
         for r, c in zip(rows, counts, strict=True):
             index.extend(offsets[r] + min(t, c - 1) for t in range(width))
             real.extend(t < c for t in range(width))
@@ -309,5 +310,6 @@ def grouped_attention(q: torch.Tensor, cache: KVCache, layer: int, groups: list[
         if g.token_range is not None:
             out[g.token_range[0]:g.token_range[1]] = o
         else:
+            assert g.gather is not None and g.valid is not None  # a group without a token range has its gather
             out[g.gather[g.valid]] = o[g.valid]
     return out

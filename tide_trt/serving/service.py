@@ -38,7 +38,8 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
 
     draft_path = resolve_draft_path(cfg.draft.path)
     engine = build_engine(cfg)
-    drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram) if draft_path is not None else None
+    drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram,
+                                  cfg.draft.lookup_gamma) if draft_path is not None else None
     generator = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)
     gamma = cfg.draft.gamma if drafter is not None else 0  # 1..gamma_max: validated by the config
     log.info(

@@ -65,11 +65,14 @@ def _row_gammas(gammas: torch.Tensor | Sequence[int] | None, b: int, gamma: int,
     """Per-row draft lengths [B] int64 in [0, gamma] (None: every row drafted gamma)."""
     if gammas is None:
         return torch.full((b,), gamma, dtype=torch.long, device=device)
-    g = torch.as_tensor(gammas, dtype=torch.long).to(device).reshape(-1)  # [B]
-    if g.shape[0] != b:
-        raise ValueError(f"need one draft length per row: {g.shape[0]} != {b}")
-    if b and (int(g.min()) < 0 or int(g.max()) > gamma):
-        raise ValueError(f"row draft lengths must lie in [0, {gamma}]")
+    if isinstance(gammas, torch.Tensor):
+        g = gammas.to(device=device, dtype=torch.long).reshape(-1)  # [B]
+        ok = g.shape[0] == b and (b == 0 or (int(g.min()) >= 0 and int(g.max()) <= gamma))  # host sync
+    else:  # a host list (the engine's step loop): checked without touching the device
+        ok = len(gammas) == b and all(0 <= int(x) <= gamma for x in gammas)
+        g = torch.tensor([int(x) for x in gammas], dtype=torch.long).to(device, non_blocking=True)  # [B]
+    if not ok:
+        raise ValueError(f"need one draft length in [0, {gamma}] per row ({b} rows)")
     return g
 
 
@@ -137,9 +140,9 @@ def rejection_verify(
     if gamma > 0 and bool((((draft_ids < 0) | (draft_ids >= v)) & in_draft).any()):
         raise ValueError(f"draft_ids must be target vocabulary ids in [0, {v})")
     draft_ids = draft_ids.masked_fill(~in_draft, 0)  # padding columns: any valid id, never accepted
-    sampled = torch.tensor([gen is not None for gen in generators], dtype=torch.bool, device=device)  # [B]
-    if not bool(sampled.any()):
+    if all(gen is None for gen in generators):
         return greedy_verify(draft_ids, target_probs, g)
+    sampled = torch.tensor([gen is not None for gen in generators], dtype=torch.bool, device=device)  # [B]
 
     p = target_probs.float()  # [B, gamma+1, V]
     u = draw_uniforms_ragged(generators, (g + 1).tolist(), device)  # [B, max(g)+1]
@@ -172,7 +175,7 @@ def rejection_verify(
     last = inverse_cdf_sample(dist.clamp(min=0), u[rows, g])  # [B]
     result = _assemble(draft_ids, num_accepted, last)
 
-    if bool((~sampled).any()):
+    if any(gen is None for gen in generators):
         greedy = greedy_verify(draft_ids, target_probs, g)
         keep = sampled.unsqueeze(-1)  # [B, 1]
         result = VerifyResult(
