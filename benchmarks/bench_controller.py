@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--static-gamma", type=int, default=3)
     p.add_argument("--draft", default="default", help="the trained draft: a shipped name or a checkpoint dir")
     p.add_argument("--lookup-ngram", type=int, default=0, help="draft.lookup_ngram of the trained draft")
+    p.add_argument("--lookup-gamma", type=int, default=0, help="draft.lookup_gamma of the trained draft")
     p.add_argument("--skip-mismatched", action="store_true", help="only the trained draft")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_seq_len=args.max_prompt_tokens + args.max_new_tokens + 16,
         ),
     )
-    trained = build_drafter(engine, resolve_draft_path(args.draft), args.lookup_ngram)
+    trained = build_drafter(engine, resolve_draft_path(args.draft), args.lookup_ngram, args.lookup_gamma)
     drafts = {"trained": trained} if args.skip_mismatched else {"trained": trained,
                                                                 "mismatched": _mismatched(engine, trained)}
     profile = cached_engine_profile(engine, trained, args.gamma_max)

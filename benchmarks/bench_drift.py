@@ -202,8 +202,8 @@ def serve(
                     "t": now,
                     "event": "metrics",
                     "collection": m["signals_collection_enabled"],
-                    "acc_short": m["drift_acceptance_short"],
-                    "acc_long": m["drift_acceptance_long"],
+                    "acc_short": m["drift_accepted_per_drafted_short"],
+                    "acc_long": m["drift_accepted_per_drafted_long"],
                     "detections": m["drift_detections"],
                     "pauses": m["drift_pauses"],
                 }

@@ -89,7 +89,7 @@ def closed_loop(
             gen.add(GenerationRequest(f"{id_prefix}{i}", p, max_new, stop_token_ids=eos))
         gamma, events, seconds = run_step(gen, policy, list(plugins))
         gammas[gamma] = gammas.get(gamma, 0) + 1
-        if events and not any(ev.is_prefill for ev in events):
+        if events and gen.last_step_prompt_tokens == 0:
             pure_seconds += seconds
             c["pure_tokens"] += sum(len(ev.new_token_ids) for ev in events)
         for ev in events:

@@ -536,6 +536,8 @@ class StepTimer:
                 else:
                     delattr(obj, attr)
 
+    prompt_tokens: Callable[[], int] = staticmethod(lambda: 0)  # the generator's last_step_prompt_tokens
+
     def step(self, call: Callable[[], list]) -> list:
         self.current = {}
         sync(self.device)
@@ -543,7 +545,7 @@ class StepTimer:
         events = call()
         sync(self.device)
         total = time.perf_counter() - t0
-        decode = bool(events) and not any(ev.is_prefill for ev in events)
+        decode = bool(events) and not any(ev.is_prefill for ev in events) and self.prompt_tokens() == 0
         self.steps.append({"total": total, "decode": decode, "tokens": sum(len(ev.new_token_ids) for ev in events),
                            "parts": {k: (sum(v), len(v)) for k, v in self.current.items()}})
         return events
@@ -585,6 +587,7 @@ def step_breakdown(rig: Rig, prompts: Sequence[list[int]], bs: int, args: argpar
                      f"bw{mode}{bs}")  # warm-up (graph capture) outside the timed run
         timer = StepTimer(args.device, {"target_forward": (rig.engine, ("forward_step", "forward")),
                                         "draft": (rig.drafter if gamma else None, ("propose",))})
+        timer.prompt_tokens = lambda g=gen: g.last_step_prompt_tokens  # type: ignore[method-assign]
         with timer.attached():
             run_requests(gen, chunk, args.breakdown_max_new_tokens, gamma, rig.eos, f"b{mode}{bs}",
                          on_step=timer.step)

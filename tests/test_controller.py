@@ -69,21 +69,21 @@ def test_estimator_is_censored_geometric_mle() -> None:
     for k in (3, 1, 0):
         ctl.observe([7], 3, [k], None)
     assert ctl.acceptance(7) == pytest.approx(4 / 6)
-    assert ctl.global_acceptance == pytest.approx(4 / 6)
+    assert ctl.global_alpha == pytest.approx(4 / 6)
 
 
 def test_estimates_converge_to_true_alpha() -> None:
     ctl, _ = simulate(ControllerConfig(mode="static"), alpha=0.7, batch=4, seed=3, steps=600)
-    assert ctl.global_acceptance == pytest.approx(0.7, abs=0.05)
+    assert ctl.global_alpha == pytest.approx(0.7, abs=0.05)
     assert all(ctl.acceptance(r) == pytest.approx(0.7, abs=0.12) for r in range(4))
 
 
 def test_unknown_request_uses_global_and_forget() -> None:
     ctl, _ = simulate(ControllerConfig(), alpha=0.8, batch=2, seed=1, steps=200)
-    assert ctl.acceptance(999) == ctl.global_acceptance
+    assert ctl.acceptance(999) == ctl.global_alpha
     ctl.forget(0)
     assert ctl.snapshot().tracked_requests == 1
-    assert ctl.acceptance(0) == ctl.global_acceptance
+    assert ctl.acceptance(0) == ctl.global_alpha
 
 
 @pytest.mark.parametrize(("alpha", "expect_spec"), [(0.02, False), (0.9, True)])
@@ -154,7 +154,7 @@ def test_reprobe_after_interval_and_switch_back_on_better_draft() -> None:
         ctl.observe(ids, g, [g], None)
     snap = ctl.snapshot()
     assert snap.committed_gamma > 0
-    assert snap.global_acceptance > 0.5
+    assert snap.global_alpha > 0.5
     assert ctl.reprobe_interval == 20  # a new draft resets the back-off
 
 
@@ -196,7 +196,7 @@ def test_observe_per_request_draft_lengths() -> None:
     ctl = AdaptiveController(ControllerConfig(prior_acceptance=0.5, ema_long=1.0), PROFILE, 8, 3)
     ctl.observe([1, 2, 3], [3, 0, 2], [3, 0, 1], 0.05)
     # request 1: 3 successes, 3 trials (not censored); request 3: 1 success + 1 failure; request 2 drafted nothing
-    assert ctl.global_acceptance == pytest.approx(4 / 5)
+    assert ctl.global_alpha == pytest.approx(4 / 5)
     assert ctl.snapshot().measured_speedup is None  # a mixed step is not timed
     with pytest.raises(ValueError):
         ctl.observe([1, 2], [3], [1, 0], None)
@@ -227,11 +227,11 @@ def test_long_off_period_does_not_underflow_to_the_prior() -> None:
     for _ in range(5):
         g = ctl.choose_gamma([1])
         ctl.observe([1], g, [0], None)
-    before = ctl.global_acceptance
+    before = ctl.global_alpha
     assert before < 0.3
     for _ in range(50_000):
         ctl.observe([1], 0, [0], None)
-    assert ctl.global_acceptance == pytest.approx(before)
+    assert ctl.global_alpha == pytest.approx(before)
     assert ctl.choose_gamma([1]) == 0
 
 

@@ -94,16 +94,16 @@ def test_mismatched_draft_is_switched_off(setup):
     tail = gammas[first_off:]
     # after switching off, at most short re-probes speculate
     assert sum(g > 0 for g in tail) <= max(8, len(tail) // 8), gammas
-    assert plugin.state().global_acceptance < 0.2
+    assert plugin.state().global_alpha < 0.2
 
 
 def test_trained_draft_stays_on_at_batch_one(setup):
     engine, trained, profile = setup
     gammas, plugin = _run(engine, trained, profile, COUNTING_PROMPT, 96)
     assert sum(g > 0 for g in gammas[1:]) >= 0.9 * (len(gammas) - 1), gammas
-    assert plugin.state().global_acceptance > 0.3  # the draft is useful on this prompt, unlike the random one
+    assert plugin.state().global_alpha > 0.3  # the draft is useful on this prompt, unlike the random one
     print(f"serving profile, counting prompt: {sum(g > 0 for g in gammas)}/{len(gammas)} steps speculated, "
-          f"acceptance {plugin.state().global_acceptance:.2f}")
+          f"acceptance {plugin.state().global_alpha:.2f}")
 
 
 def test_same_draft_is_switched_off_where_verification_is_expensive(setup):
@@ -112,7 +112,7 @@ def test_same_draft_is_switched_off_where_verification_is_expensive(setup):
     engine, trained, _ = setup
     gammas, plugin = _run(engine, trained, COMPUTE_BOUND_PROFILE, COUNTING_PROMPT, 48)
     probe = ControllerConfig().probe_steps
-    assert plugin.state().global_acceptance > 0.3  # the draft predicts as well as before ...
+    assert plugin.state().global_alpha > 0.3  # the draft predicts as well as before ...
     assert all(g == 0 for g in gammas[probe + 1:]), gammas  # ... and is still not worth running
     assert plugin.state().committed_gamma == 0 and not plugin.state().draft_limited
 

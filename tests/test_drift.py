@@ -38,7 +38,7 @@ def test_no_false_alarm_on_long_stable_noisy_stream() -> None:
     assert not any(det.update(v) for v in stream)
     snap = det.snapshot()
     assert snap.detections == 0 and not snap.collection_enabled
-    assert snap.acceptance_short == pytest.approx(0.5, abs=0.06)
+    assert snap.accepted_per_drafted_short == pytest.approx(0.5, abs=0.06)
 
 
 def test_detects_a_drop_of_0_1_within_bounded_updates() -> None:
@@ -69,16 +69,16 @@ def test_weighted_update_equals_repeated_updates() -> None:
     for _ in range(5):
         b.update(0.3)
     sa, sb = a.snapshot(), b.snapshot()
-    assert sa.acceptance_short == pytest.approx(sb.acceptance_short)
-    assert sa.acceptance_long == pytest.approx(sb.acceptance_long)
+    assert sa.accepted_per_drafted_short == pytest.approx(sb.accepted_per_drafted_short)
+    assert sa.accepted_per_drafted_long == pytest.approx(sb.accepted_per_drafted_long)
     assert sa.updates == sb.updates == 37
 
 
 def test_bias_correction_gives_sensible_first_values() -> None:
     det = DriftDetector(SignalConfig())
     det.update(0.7)
-    assert det.snapshot().acceptance_short == pytest.approx(0.7)
-    assert det.snapshot().acceptance_long == pytest.approx(0.7)
+    assert det.snapshot().accepted_per_drafted_short == pytest.approx(0.7)
+    assert det.snapshot().accepted_per_drafted_long == pytest.approx(0.7)
 
 
 def test_non_finite_inputs_ignored() -> None:

@@ -259,6 +259,9 @@ def test_round_decisions_pause_collection(engine, tmp_path) -> None:
     )
     plugin.before_step(gen)
     assert not plugin.detector.collection_enabled and plugin.rounds_applied == 1
+    assert plugin.buffer is not None  # ... and the buffer it was built with follows: a new request is skipped
+    plugin.buffer.sink("new", 0, torch.zeros(1, 3, engine.info.hidden_size), [5], True)
+    assert plugin.buffer.metrics()["signals_sequences_skipped"] == 1
     plugin.close()
 
 

@@ -133,7 +133,7 @@ def test_stats_snapshot_window_and_plugin_names() -> None:
     s.record_step(3, 0.1, 2, draft=6, accepted=6, output=8, seq_steps=2)
     s.record_step(3, 0.1, 2, draft=6, accepted=0, output=2, seq_steps=2)  # window keeps the last two
     snap = s.snapshot({"signals.captured": 7, "gamma": 5})
-    assert snap["tide_acceptance_rate"] == pytest.approx(6 / 12)
+    assert snap["tide_accepted_per_drafted"] == pytest.approx(6 / 12)
     assert snap["tide_mean_accepted_len"] == pytest.approx(10 / 4)
     assert snap["tide_draft_tokens_total"] == 18 and snap["tide_engine_steps_total"] == 3
     assert snap["tide_signals_captured"] == 7 and snap["tide_plugin_gamma"] == 5 and snap["tide_gamma"] == 3
@@ -323,7 +323,7 @@ def test_speculative_path_is_lossless_and_reports_perf(tiny_dir: Path, tiny_orac
         snap = wait_idle(svc)
         assert snap["tide_draft_tokens_total"] > 0 and snap["tide_gamma"] == 3
         assert snap["tide_accepted_draft_tokens_total"] == sum(recorder.accepted.values()) > 0
-        assert snap["tide_mean_accepted_len"] > 1.5 and snap["tide_acceptance_rate"] > 0.5, snap
+        assert snap["tide_mean_accepted_len"] > 1.5 and snap["tide_accepted_per_drafted"] > 0.5, snap
     finally:
         svc.stop()
 

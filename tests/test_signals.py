@@ -55,13 +55,12 @@ def serve(
     ps: list[list[int]],
     gamma: int = 3,
     max_new: int = 30,
-    collect: bool = True,
+    det: DriftDetector | None = None,
 ) -> dict[str, list[int]]:
     """Run requests to completion with the adaptation plugin (capture only); returns tokens per request."""
     torch.manual_seed(0)
     drafter = ChainDrafter(new_head(engine, torch.arange(96)), 8, 256, torch.float32, "cpu")
-    det = DriftDetector(SignalConfig(enabled=collect))
-    plugin = OnlineAdaptation(det, buf, None)
+    plugin = OnlineAdaptation(det or DriftDetector(SignalConfig()), buf, None)
     gen = SpeculativeGenerator(engine, drafter, signal_sink=plugin.signal_sink)
     for j, p in enumerate(ps):
         gen.add(GenerationRequest(str(j), p, max_new))
@@ -168,8 +167,9 @@ def test_full_buffer_drops_signals_never_requests(engine: TorchTargetEngine, tmp
 
 
 def test_collection_switch_is_per_request(engine: TorchTargetEngine, tmp_path: Path) -> None:
-    buf = make_buffer(engine, tmp_path)
-    serve(engine, buf, prompts(2, 4), collect=False)
+    det = DriftDetector(SignalConfig(enabled=False))
+    buf = make_buffer(engine, tmp_path, collect_fn=lambda: det.collection_enabled)
+    serve(engine, buf, prompts(2, 4), det=det)
     assert stored(tmp_path) == {} and buf.metrics()["signals_sequences_skipped"] == 2
     assert buf.tracked() == []  # finished requests are forgotten
     buf.close()
@@ -239,7 +239,7 @@ def test_drift_detection_switches_collection_on(engine: TorchTargetEngine, tmp_p
 
     det = DriftDetector(SignalConfig(drift_ema_short=0.2, drift_ema_long=0.02, drift_warmup_updates=20))
     det.pause("baseline")
-    buf = make_buffer(engine, tmp_path)
+    buf = make_buffer(engine, tmp_path, collect_fn=lambda: det.collection_enabled)
     plugin = OnlineAdaptation(det, buf, None)
     gen = SpeculativeGenerator(engine, None, signal_sink=plugin.signal_sink)
 

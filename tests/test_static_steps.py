@@ -87,3 +87,30 @@ def test_greedy_speculation_is_identical_to_plain_in_bf16(tiny_checkpoint, tiny_
                                  [GenerationRequest(str(i), p, 40) for i, p in enumerate(prompts)], gamma).sequences
         assert sum(s.accepted_tokens for s in spec) > 0
         assert [s.output_ids for s in spec] == [s.output_ids for s in plain], gamma
+
+
+def test_fixed_shape_draft_chain_proposes_what_the_dynamic_chain_does(tiny_checkpoint, tiny_oracle):
+    """The greedy chain at fixed shapes (rows padded to a power-of-two bucket with the scratch slot, each entry
+    attending to the whole cache range: what a CUDA graph replays) proposes the same tokens as the dynamic chain,
+    step after step, with rejections and odd batch sizes."""
+    from tests.conftest import make_engine
+
+    engine = make_engine(tiny_checkpoint)
+    prompts = refit_prompts(4, 7)[:3] + random_prompts(2, 96, seed=61, min_len=5, max_len=20)  # 5 rows: bucket 8
+    proposals = {}
+    for static in (False, True):
+        drafter = ChainDrafter(tiny_oracle.load(engine), 8, 256, torch.float32, "cpu")
+        drafter.static_chain = static
+        seen: list[list[list[int]]] = []
+        inner = drafter.propose
+
+        def recording(*args, inner=inner, seen=seen, **kwargs):
+            out = inner(*args, **kwargs)
+            seen.append(out.tokens.tolist())
+            return out
+
+        drafter.propose = recording
+        run_to_completion(SpeculativeGenerator(engine, drafter),
+                          [GenerationRequest(str(i), p, 30) for i, p in enumerate(prompts)], 3)
+        proposals[static] = seen
+    assert len(proposals[True]) > 5 and proposals[True] == proposals[False]

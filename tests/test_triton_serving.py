@@ -359,14 +359,14 @@ def test_prometheus_metrics(stack: Stack) -> None:
     before = settled_metrics(stack, lambda m: m["tide_active_sequences"] == 0)
     assert generate(stack.server.urls.grpc, PROMPTS[2], 8).text == stack.ref.text(PROMPTS[2], 8)
     m = settled_metrics(stack, lambda m: m["tide_requests_completed_total"] > before["tide_requests_completed_total"])
-    for name in ("tide_output_tokens_total", "tide_acceptance_rate", "tide_mean_accepted_len", "tide_gamma",
+    for name in ("tide_output_tokens_total", "tide_accepted_per_drafted", "tide_mean_accepted_len", "tide_gamma",
                  "tide_draft_version", "tide_queue_depth", "tide_active_sequences", "tide_free_slots",
                  "tide_draft_tokens_total", "tide_requests_rejected_total"):  # fmt: skip
         assert name in m, name
     assert m["tide_draft_version"] == 3 and m["tide_gamma"] == GAMMA and m["tide_output_tokens_total"] > 0
     assert m["tide_draft_tokens_total"] > 0 and m["tide_accepted_draft_tokens_total"] > 0
     assert served_tau(before, m) > 1.5  # the request above, from the Prometheus counters
-    assert m["tide_mean_accepted_len"] > 1.0 and m["tide_acceptance_rate"] > 0.0  # accepted drafts in the window
+    assert m["tide_mean_accepted_len"] > 1.0 and m["tide_accepted_per_drafted"] > 0.0  # accepted drafts in the window
 
 
 def test_client_reports_unreachable_server() -> None:

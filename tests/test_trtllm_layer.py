@@ -30,7 +30,7 @@ from tide_trt.engine.trtllm_engine import (
 from tide_trt.engine.trtllm_layout import (
     CONTEXT,
     GENERATION,
-    SlotTable,
+    PagedSlotTable,
     pack_batch,
     unpack_logits,
     unpack_tokens,
@@ -80,7 +80,7 @@ def test_constructing_without_tensorrt_llm_raises_clear_error():
 
 # --- slots, packing, rollback --------------------------------------------------------------------------
 def test_slot_table_bookkeeping():
-    t = SlotTable(max_slots=3, max_seq_len=10, tokens_per_block=4)
+    t = PagedSlotTable(max_slots=3, max_seq_len=10, tokens_per_block=4)
     assert t.blocks_per_slot == 3 and t.num_blocks == 9
     assert [t.allocate(), t.allocate()] == [0, 1] and t.num_free == 1
     t.advance(1, 5)
@@ -118,7 +118,7 @@ def _reference_pack(slots, tokens, pasts):
 
 def test_pack_batch_matches_reference():
     gen = torch.Generator().manual_seed(3)
-    t = SlotTable(max_slots=8, max_seq_len=64, tokens_per_block=8)
+    t = PagedSlotTable(max_slots=8, max_seq_len=64, tokens_per_block=8)
     slots = [t.allocate() for _ in range(6)]
     pasts = [0, 5, 9, 0, 17, 2]
     for s, p in zip(slots, pasts, strict=True):
@@ -145,7 +145,7 @@ def test_pack_batch_matches_reference():
 
 
 def test_unpack_tokens_and_logits():
-    t = SlotTable(max_slots=4, max_seq_len=32, tokens_per_block=4)
+    t = PagedSlotTable(max_slots=4, max_seq_len=32, tokens_per_block=4)
     slots = [t.allocate() for _ in range(3)]
     t.advance(slots[1], 4)
     tokens = [[1, 2, 3], [4], [5, 6]]
@@ -200,9 +200,9 @@ def test_manifest_checks(monkeypatch, tmp_path):
 #   all context requests precede all generation requests; last_token_ids = inclusive scan of the per-request
 #   token counts; kv_cache_block_offsets [pools, batch, 2, max_blocks] holds, for block b and field f (0 = K,
 #   1 = V), flat_index3(b, layer 0, f, num_layers, kv_factor 2) = (b * num_layers + 0) * 2 + f.
-def _worked_example_table() -> tuple[SlotTable, dict[str, int]]:
+def _worked_example_table() -> tuple[PagedSlotTable, dict[str, int]]:
     """4 slots x 20 tokens, 8 tokens per block (M = 3 blocks per slot: slot s owns blocks 3s, 3s+1, 3s+2)."""
-    t = SlotTable(max_slots=4, max_seq_len=20, tokens_per_block=8)
+    t = PagedSlotTable(max_slots=4, max_seq_len=20, tokens_per_block=8)
     slots = {name: t.allocate() for name in ("new", "verify", "decode_a", "decode_b")}  # 0, 1, 2, 3
     t.advance(slots["verify"], 5)  # prompt of 5 ...
     t.advance(slots["verify"], 4)  # ... then 4 accepted tokens: 9 cached
@@ -255,7 +255,7 @@ def test_packed_layout_matches_tensorrt_llm_rules_worked_example():
 
 
 def test_engine_inputs_shapes_per_gpt_attention_plugin():
-    t = SlotTable(max_slots=2, max_seq_len=16, tokens_per_block=4)
+    t = PagedSlotTable(max_slots=2, max_seq_len=16, tokens_per_block=4)
     s = t.allocate()
     feeds = engine_inputs(pack_batch([s], [[1, 2, 3]], t), t, num_layers=5, pool_pointer=1234, pool_mapping_rank=2)
     assert feeds["host_kv_cache_pool_pointers"].tolist() == [[1234, 0]]  # [pools, (primary, secondary)]

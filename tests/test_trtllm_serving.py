@@ -18,7 +18,7 @@ from tide_trt.draft.drafter import ChainDrafter
 from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 from tide_trt.engine.hooks import StaticGamma, run_step
 from tide_trt.engine.step_batch import StepBatch, StepRow
-from tide_trt.engine.trtllm_layout import SlotTable, TokenBudgetError, pack_batch
+from tide_trt.engine.trtllm_layout import PagedSlotTable, TokenBudgetError, pack_batch
 from tide_trt.errors import TideError
 from tide_trt.online.refit import RefitWatcher
 from tide_trt.online.store import DraftStore
@@ -52,7 +52,7 @@ def test_long_prompts_packed_in_chunks_never_exceed_the_budget():
     """The packer under a budget of 24 tokens: two 40-token prompts go through as context chunks of at most the
     budget beside decode rows; every packed step stays within it, and one token more is refused."""
     budget = 24
-    table = SlotTable(max_slots=3, max_seq_len=64, tokens_per_block=8)
+    table = PagedSlotTable(max_slots=3, max_seq_len=64, tokens_per_block=8)
     long_a, long_b, short = table.allocate(), table.allocate(), table.allocate()
     table.advance(short, 5)
     prompts = {long_a: list(range(100, 140)), long_b: list(range(200, 240))}

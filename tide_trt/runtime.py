@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from tide_trt.config import TideConfig
 from tide_trt.draft.checkpoint import load_draft
@@ -15,6 +16,9 @@ from tide_trt.engine.base import TargetEngine
 from tide_trt.engine.generator import GenerationRequest, SequenceState, SpeculativeGenerator
 from tide_trt.errors import TideError
 from tide_trt.spec.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from tide_trt.engine.hooks import GammaPolicy, StepPlugin
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,8 @@ def build_drafter(engine: TargetEngine, draft_path: str | Path, lookup_ngram: in
     by the config; `lookup_gamma` > 0: rows the lookup covers draft that many tokens)."""
     head, manifest = load_draft(draft_path, engine.info, engine.embedding_weight())
     return ChainDrafter.for_engine(head, engine.info, version=int(manifest.get("version", 0)),
-                                   lookup_ngram=lookup_ngram, lookup_gamma=lookup_gamma)
+                                   lookup_ngram=lookup_ngram, lookup_gamma=lookup_gamma,
+                                   cuda_graphs=engine.uses_cuda_graphs)
 
 
 @runtime_checkable
@@ -107,14 +112,13 @@ def make_request(request_id: str, prompt_ids: list[int], max_new_tokens: int, sa
     return GenerationRequest(request_id, prompt_ids, max_new_tokens, sampling, tuple(eos_ids))
 
 
-def run_with_policy(gen: SpeculativeGenerator, requests: list[GenerationRequest], policy,
-                    plugins: list | None = None) -> BatchResult:
-    """Run a fixed set of requests until all finish; γ comes from a GammaPolicy and plugins see every step."""
+def run_with_policy(gen: SpeculativeGenerator, requests: list[GenerationRequest], policy: GammaPolicy,
+                    plugins: Sequence[StepPlugin] = ()) -> BatchResult:
+    """Run a fixed set of requests until all finish; γ comes from `policy` and `plugins` see every step (a policy
+    that is also a StepPlugin, such as ControllerPlugin, is listed in `plugins` too)."""
     from tide_trt.engine.hooks import run_step
 
-    plugin_list = list(plugins or [])
-    if hasattr(policy, "after_step") and policy not in plugin_list:
-        plugin_list.insert(0, policy)
+    plugin_list = list(plugins)
     seqs = [gen.add(r) for r in requests]
     t0 = time.perf_counter()
     steps = 0

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
         profile = cached_engine_profile(engine, drafter, cfg.draft.gamma_max)
         controller = ControllerPlugin(replace(cfg.controller, mode="adaptive"), profile, cfg.draft.gamma_max, gamma)
-    result = run_with_policy(gen, [req], controller) if controller else run_to_completion(
+    result = run_with_policy(gen, [req], controller, [controller]) if controller else run_to_completion(
         gen, [req], gamma if drafter else 0)
     seq = result.sequences[0]
     ids = seq.output_ids

@@ -19,6 +19,7 @@ import torch
 from tide_trt.draft.eagle3 import Eagle3Head
 from tide_trt.draft.lookup import lookup_continuation
 from tide_trt.engine.base import ModelInfo
+from tide_trt.engine.cuda_graphs import GraphCache
 from tide_trt.engine.kv_cache import KVCache
 from tide_trt.kernels.linear import to_native_linears
 from tide_trt.spec.sampling import logits_to_probs, sample_from_probs
@@ -51,7 +52,10 @@ class ChainDrafter:
         self.device = device
         self.max_seq_len = max_seq_len
         c = head.cfg
-        self.cache = KVCache(1, max_slots, c.num_kv_heads, max_seq_len + 16, c.head_dim, dtype, device)
+        # one extra slot: padding rows of fixed-shape chains (CUDA graphs) write there
+        self.cache = KVCache(1, max_slots + 1, c.num_kv_heads, max_seq_len + 16, c.head_dim, dtype, device)
+        self.scratch_slot = max_slots
+        self.chain_graphs = GraphCache(self._greedy_chain, device, enabled=False, name="draft chain")
         self.cached = [0] * max_slots
         self.origin = [0] * max_slots
         self.head = self._serving_copy(head)
@@ -59,12 +63,41 @@ class ChainDrafter:
 
     @classmethod
     def for_engine(cls, head: Eagle3Head, info: ModelInfo, version: int = 0, lookup_ngram: int = 0,
-                   lookup_gamma: int = 0) -> ChainDrafter:
+                   lookup_gamma: int = 0, cuda_graphs: bool = False) -> ChainDrafter:
         """A drafter sized and typed for the engine described by `info` (slots, context, activation dtype,
-        native linears)."""
-        return cls(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, info.device,
-                   version=version, native_linears=info.native_linears, lookup_ngram=lookup_ngram,
-                   lookup_gamma=lookup_gamma)
+        native linears); `cuda_graphs`: greedy chains replay CUDA graphs (CUDA only)."""
+        drafter = cls(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, info.device,
+                      version=version, native_linears=info.native_linears, lookup_ngram=lookup_ngram,
+                      lookup_gamma=lookup_gamma)
+        drafter.use_cuda_graphs(cuda_graphs)
+        return drafter
+
+    def use_cuda_graphs(self, enabled: bool) -> None:
+        """Greedy chains at fixed shapes (rows padded to a power-of-two bucket), replayed from CUDA graphs."""
+        self.chain_graphs = GraphCache(self._greedy_chain, self.device, enabled=enabled, name="draft chain")
+        self.static_chain = self.chain_graphs.enabled
+
+    static_chain = False  # greedy chains through `fixed_shape_chain` (set by use_cuda_graphs)
+
+    def _greedy_chain(self, slots: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor,
+                      positions: torch.Tensor, steps_marker: torch.Tensor) -> torch.Tensor:
+        return self.head.greedy_chain(self.cache, slots, hidden, logits, positions, steps_marker.shape[0])
+
+    def fixed_shape_chain(self, slots: list[int], hidden: torch.Tensor, logits: torch.Tensor, positions: torch.Tensor,
+                          steps: int) -> torch.Tensor:
+        """The greedy chain with rows padded to a power-of-two bucket (padding rows: the scratch slot), replayed
+        from a CUDA graph per (bucket, steps) when graphs are on. Returns target ids [B, steps]."""
+        b = len(slots)
+        bucket = 1 << (b - 1).bit_length()
+        pad = bucket - b
+        dev = self.device
+        slot_t = torch.tensor(slots + [self.scratch_slot] * pad, dtype=torch.long, device=dev)  # [bucket]
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, pad))  # [bucket, H]
+        logits = torch.nn.functional.pad(logits, (0, 0, 0, pad))  # [bucket, Vd]
+        positions = torch.nn.functional.pad(positions, (0, pad))  # [bucket]
+        marker = torch.empty(steps, device=dev)  # its length carries `steps` into the captured call
+        out = self.chain_graphs.run((bucket, steps), slot_t, hidden, logits, positions, marker)
+        return out[:b]
 
     def lookup_covers(self, history: list[int]) -> bool:
         """The n-gram lookup would propose for this history (its last lookup_ngram tokens occurred earlier)."""
@@ -149,6 +182,9 @@ class ChainDrafter:
         probs = None if sampling is None else torch.zeros(bsz, gamma, self.head.cfg.target_vocab_size,
                                                           device=dev)  # [B, gamma, V]
         zero = torch.zeros(bsz, dtype=torch.long, device=dev)
+        if self.static_chain and sampling is None and chain_steps > 0:
+            tokens[:, :chain_steps] = self.fixed_shape_chain(slots, hidden, logits, pos, chain_steps)
+            chain_steps = 0  # done
         for j in range(chain_steps):
             draft_ids, step_probs = self._pick(logits, sampling)  # [B] target ids, [B, V] or None
             tokens[:, j] = draft_ids

@@ -50,6 +50,11 @@ class Eagle3Config:
 
 
 class Eagle3Head(nn.Module):
+    d2t: torch.Tensor  # [Vd] buffer: draft id -> target id
+    cos: torch.Tensor  # RoPE tables (non-persistent buffers)
+    sin: torch.Tensor
+    embed: torch.Tensor | None  # None only while a copy is made without the shared target embeddings
+
     def __init__(self, cfg: Eagle3Config, embed: torch.Tensor):
         super().__init__()
         h, d = cfg.hidden_size, cfg.head_dim
@@ -77,6 +82,7 @@ class Eagle3Head(nn.Module):
         return self.fc(flat)
 
     def _embed_normed(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        assert self.embed is not None, "the head has no target embeddings attached"
         emb = F.embedding(tokens, self.embed).to(dtype)  # [B, T, H]
         return rms_norm(emb, self.norm_embed, self.cfg.rms_norm_eps)
 
@@ -125,6 +131,34 @@ class Eagle3Head(nn.Module):
         hidden = self._finish(feature, attn)  # [B, T, H]
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]  # [B, H]
         return last, self.logits(last)
+
+    @torch.inference_mode()
+    def greedy_chain(self, cache: KVCache, slots: torch.Tensor, hidden: torch.Tensor, logits: torch.Tensor,
+                     positions: torch.Tensor, steps: int) -> torch.Tensor:
+        """The greedy chain at fixed shapes, without host synchronisation (what a CUDA graph captures): from the
+        catch-up's draft hidden [B, H] and logits [B, Vd], draft `steps` target-vocabulary tokens [B, steps],
+        writing chained entries at positions [B], +1 per step. Each entry attends to its slot's whole cache range
+        [0, L) under a mask, so shapes never depend on the positions."""
+        c = self.cfg
+        b = hidden.shape[0]
+        key_pos = torch.arange(cache.max_seq_len, device=hidden.device)  # [L]
+        scale = 1.0 / math.sqrt(c.head_dim)
+        out = []
+        for j in range(steps):
+            ids = self.d2t[logits.argmax(-1)]  # [B] target ids
+            out.append(ids)
+            if j == steps - 1:
+                break
+            feature = hidden[:, None]  # [B, 1, H]
+            q, k, v = self._qkv(self._attn_input(feature, ids[:, None]), positions[:, None])  # [B, H*, 1, D]
+            cache.write_tokens(0, slots, positions, k[:, :, 0], v[:, :, 0])
+            mask = (key_pos[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
+            attn = attention(q, cache.k[0][slots], cache.v[0][slots], mask, False, scale)  # [B, Hq, 1, D]
+            hidden = self._finish(feature, attn)[:, 0]  # [B, H]
+            logits = self.logits(hidden)
+            positions = positions + 1
+        del b
+        return torch.stack(out, dim=1)  # [B, steps]
 
     # ---- training: training-time test (unrolled chain) ---------------------------------------------------
     def ttt_forward(self, captured: torch.Tensor, next_tokens: torch.Tensor, num_steps: int,

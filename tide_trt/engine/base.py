@@ -101,6 +101,11 @@ class TargetEngine(ABC):
         """Roll back a slot to `length` cached tokens (rejected drafts); no copy."""
 
     @property
+    def uses_cuda_graphs(self) -> bool:
+        """Steps replay CUDA graphs (the drafter then replays its greedy chains too)."""
+        return False
+
+    @property
     def max_num_tokens(self) -> int:
         """Most tokens one step may carry (decode/verification tokens plus prompt chunks); the step loop never
         exceeds it."""

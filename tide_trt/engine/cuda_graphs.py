@@ -1,79 +1,71 @@
-"""CUDA graphs of fixed-shape steps: one graph per padded step size, captured on first use and replayed.
+"""CUDA graphs of fixed-shape calls: one graph per key (a padded step size, a (batch bucket, chain length)),
+captured on first use and replayed.
 
-The seam is one callable, `fn(token_ids, positions, token_slots) -> (logits, hidden)` over padded [P] tensors with
-static shapes and no host synchronisation (models/static_forward.py). On CUDA with graphs enabled, each P up to
-`max_graph_tokens` is captured once (after a warm-up on a side stream; padding inputs point at the scratch KV slot,
-so capture writes touch no sequence) and replayed by copying the step's inputs into the graph's static buffers.
-Elsewhere (CPU, graphs off, larger steps) `fn` runs eagerly: the same kernels, so the same numbers.
-Replayed outputs are the graph's static buffers: valid until the next step.
+The seam is one callable over tensors with static shapes and no host synchronisation — the target's fixed-shape
+step (models/static_forward.py), the draft's greedy chain (draft/eagle3.py `greedy_chain`). On CUDA with graphs
+enabled, the first call for a key warms up on a side stream and captures the call with static copies of its
+inputs; later calls copy their inputs into those buffers and replay. The captured calls are idempotent (they
+recompute and rewrite the same KV entries from the same inputs), so the warm-up runs do no harm. Elsewhere (CPU,
+graphs off) the callable runs eagerly: the same kernels, so the same numbers.
+Replayed outputs are the graph's static buffers: valid until the next call with the same key.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
 
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
-    token_ids: torch.Tensor  # [P] static inputs
-    positions: torch.Tensor
-    token_slots: torch.Tensor
-    logits: torch.Tensor  # [P, V] static outputs
-    hidden: torch.Tensor  # [P, C, H]
+    graph: Any  # torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, ...]  # static input buffers
+    outputs: Any  # static output tensor(s)
 
 
-class StepGraphs:
-    def __init__(self, fn: StepFn, device: str, scratch_slot: int, max_graph_tokens: int, enabled: bool):
+class GraphCache:
+    def __init__(self, fn: Callable[..., Any], device: str, enabled: bool, name: str = "step"):
         self.fn = fn
+        self.name = name
         self.device = torch.device(device)
-        self.scratch_slot = scratch_slot
-        self.max_graph_tokens = max_graph_tokens
         self.enabled = enabled and self.device.type == "cuda" and torch.cuda.is_available()
-        self._graphs: dict[int, _Captured] = {}
-        self._pool = None
+        self._graphs: dict[Hashable, _Captured] = {}
+        self._pool: Any = None
         self.replays = 0
 
     @property
-    def captured_sizes(self) -> list[int]:
-        return sorted(self._graphs)
+    def captured_keys(self) -> list[Hashable]:
+        return list(self._graphs)
 
-    def run(self, token_ids: torch.Tensor, positions: torch.Tensor, token_slots: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-        p = token_ids.shape[0]
-        if not self.enabled or p > self.max_graph_tokens:
-            return self.fn(token_ids, positions, token_slots)
-        entry = self._graphs.get(p)
+    def run(self, key: Hashable, *inputs: torch.Tensor) -> Any:
+        if not self.enabled:
+            return self.fn(*inputs)
+        entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[p] = self._capture(p)
-        entry.token_ids.copy_(token_ids, non_blocking=True)
-        entry.positions.copy_(positions, non_blocking=True)
-        entry.token_slots.copy_(token_slots, non_blocking=True)
+            entry = self._graphs[key] = self._capture(key, inputs)
+        for buf, x in zip(entry.inputs, inputs, strict=True):
+            buf.copy_(x, non_blocking=True)
         entry.graph.replay()
         self.replays += 1
-        return entry.logits, entry.hidden
+        return entry.outputs
 
-    def _capture(self, p: int) -> _Captured:
-        ids = torch.zeros(p, dtype=torch.long, device=self.device)
-        pos = torch.zeros(p, dtype=torch.long, device=self.device)
-        slots = torch.full((p,), self.scratch_slot, dtype=torch.long, device=self.device)
+    def _capture(self, key: Hashable, inputs: tuple[torch.Tensor, ...]) -> _Captured:
+        static = tuple(x.clone() for x in inputs)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: allocator and kernel selection outside the capture
-                self.fn(ids, pos, slots)
+                self.fn(*static)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits, hidden = self.fn(ids, pos, slots)
+            outputs = self.fn(*static)
         self._pool = graph.pool()
-        log.info("captured a CUDA graph for steps of %d tokens", p)
-        return _Captured(graph, ids, pos, slots, logits, hidden)
+        log.info("captured a CUDA graph: %s %s", self.name, key)
+        return _Captured(graph, static, outputs)

@@ -129,6 +129,7 @@ class SpeculativeGenerator:
             raise TideError(f"the engine's token budget max_num_tokens={self.max_num_tokens} is below its "
                             f"max_batch_size={info.max_batch_size}: a step could not carry every running sequence")
         self.sequences: dict[str, SequenceState] = {}
+        self.last_step_prompt_tokens = 0  # prompt tokens the last step prefilled (step timing excludes such steps)
         # capture-layer states of every cached target position, per slot (draft catch-up and refit re-feed)
         self.history = torch.zeros(info.max_batch_size, info.max_seq_len, len(info.capture_layers),
                                    info.hidden_size, dtype=torch.bfloat16 if info.dtype != "float32"
@@ -193,6 +194,7 @@ class SpeculativeGenerator:
         waiting = [s for s in self.sequences.values() if not s.prefilled and not s.finished]  # arrival order
         row_gammas = self._row_gammas(running, gamma, drafting, gammas, prefill_waiting=bool(waiting))
         chunks = plan_prompt_chunks(waiting, self.max_num_tokens - sum(g + 1 for g in row_gammas))
+        self.last_step_prompt_tokens = sum(n for _, n in chunks)
         if not running and not chunks:
             return []
         proposal = self._propose(running, row_gammas)

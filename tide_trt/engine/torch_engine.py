@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from tide_trt.config import DraftConfig, EngineConfig, ModelConfig
 from tide_trt.engine.base import DTYPES, ModelInfo, TargetEngine, default_capture_layers
-from tide_trt.engine.cuda_graphs import StepGraphs
+from tide_trt.engine.cuda_graphs import GraphCache
 from tide_trt.engine.kv_cache import KVCache
+from tide_trt.engine.slots import SlotTable
 from tide_trt.engine.step_batch import StepBatch, StepOutput
 from tide_trt.errors import TideError
 from tide_trt.models.llama import LlamaModel, LlamaWeights
@@ -70,14 +71,15 @@ class TorchTargetEngine(TargetEngine):
             arch, name=ckpt.name, fingerprint=ckpt.fingerprint, capture_layers=capture, max_seq_len=cfg.max_seq_len,
             max_batch_size=cfg.max_batch_size, dtype=cfg.dtype, device=cfg.device, native_linears=native)
         self._max_num_tokens = cfg.max_num_tokens
-        graph_tokens = padded_size(min(cfg.max_num_tokens, cfg.max_batch_size * (DraftConfig.gamma_max + 1)))
-        self.graphs = StepGraphs(self._static_step, cfg.device, self.scratch_slot, graph_tokens,
-                                 enabled=self.static_steps and cfg.cuda_graphs)
+        # steps up to a full batch verifying γ_max drafts replay a CUDA graph per padded size; larger ones (prompt
+        # chunks) run the same fixed-shape function eagerly
+        self.graph_max_tokens = padded_size(min(cfg.max_num_tokens, cfg.max_batch_size * (DraftConfig.gamma_max + 1)))
+        self.graphs = GraphCache(self._static_step, cfg.device, enabled=self.static_steps and cfg.cuda_graphs,
+                                 name="target step")
         log.info("torch engine: %s weights, %s activations%s%s%s", cfg.dtype, str(compute).removeprefix("torch."),
                  " (native CPU kernel)" if native else "", ", fixed-shape batch-invariant steps" if self.static_steps
                  else "", ", CUDA graphs" if self.graphs.enabled else "")
-        self._lengths = [0] * cfg.max_batch_size
-        self._free = list(range(cfg.max_batch_size - 1, -1, -1))  # pop() hands out low slots first
+        self.slots = SlotTable(cfg.max_batch_size)
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> TorchTargetEngine:
@@ -86,47 +88,35 @@ class TorchTargetEngine(TargetEngine):
 
     # --- slots -------------------------------------------------------------------------------------------
     def allocate_slot(self) -> int:
-        if not self._free:
-            raise TideError("no free KV-cache slot")
-        slot = self._free.pop()
-        self._lengths[slot] = 0
-        return slot
+        return self.slots.allocate()
 
     def free_slot(self, slot: int) -> None:
-        self._lengths[slot] = 0
-        self._free.append(slot)
-        self._free.sort(reverse=True)
+        self.slots.free(slot)
 
     @property
     def num_free_slots(self) -> int:
-        return len(self._free)
+        return self.slots.num_free
 
     supports_compaction = True
 
     def move_slot(self, src: int, dst: int) -> None:
         """Move a live sequence from slot src to the free slot dst (keeps running batches contiguous, so the
         KV cache is read through views instead of gathers)."""
-        if dst not in self._free or src in self._free:
-            raise ValueError(f"cannot move slot {src} -> {dst}")
-        self.cache.move(src, dst, self._lengths[src])
-        self._free.remove(dst)
-        self._lengths[dst] = self._lengths[src]
-        self.free_slot(src)
+        length = self.slots.move(src, dst)
+        self.cache.move(src, dst, length)
 
     def seq_len(self, slot: int) -> int:
-        return self._lengths[slot]
+        return self.slots.seq_len(slot)
 
     def truncate(self, slot: int, length: int) -> None:
-        if not 0 <= length <= self._lengths[slot]:
-            raise ValueError(f"cannot truncate slot {slot} of length {self._lengths[slot]} to {length}")
-        self._lengths[slot] = length
+        self.slots.truncate(slot, length)
 
     # --- compute -----------------------------------------------------------------------------------------
     def forward_step(self, batch: StepBatch) -> StepOutput:
         for row in batch.rows:
-            if row.start != self._lengths[row.slot]:
+            if row.start != self.slots.seq_len(row.slot):
                 raise ValueError(f"row of slot {row.slot} starts at {row.start}; the slot holds "
-                                 f"{self._lengths[row.slot]} tokens")
+                                 f"{self.slots.seq_len(row.slot)} tokens")
             if row.start + len(row.tokens) > self.info.max_seq_len:
                 raise TideError(f"sequence in slot {row.slot} would exceed max_seq_len={self.info.max_seq_len}")
         if self.static_steps:
@@ -134,8 +124,12 @@ class TorchTargetEngine(TargetEngine):
         else:
             logits, hidden = self.model.forward(self.cache, batch, self.capture_layers)
         for row in batch.rows:
-            self._lengths[row.slot] += len(row.tokens)
+            self.slots.advance(row.slot, len(row.tokens))
         return StepOutput(logits, hidden)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.graphs.enabled
 
     @property
     def max_num_tokens(self) -> int:
@@ -150,7 +144,10 @@ class TorchTargetEngine(TargetEngine):
         ids = F.pad(batch.token_ids, (0, pad))  # [P]
         pos = F.pad(batch.positions, (0, pad))
         slots = F.pad(batch.token_slots, (0, pad), value=self.scratch_slot)
-        logits, hidden = self.graphs.run(ids, pos, slots)  # [P, V], [P, C, H]
+        if n + pad <= self.graph_max_tokens:
+            logits, hidden = self.graphs.run(n + pad, ids, pos, slots)  # [P, V], [P, C, H]
+        else:
+            logits, hidden = self._static_step(ids, pos, slots)
         return logits[batch.logit_index], hidden[:n]
 
     def _static_step(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor

@@ -23,7 +23,7 @@ from tide_trt.engine.base import DTYPES, ModelInfo, TargetEngine, default_captur
 from tide_trt.engine.step_batch import StepBatch, StepOutput
 from tide_trt.engine.trtllm_layout import (
     PackedBatch,
-    SlotTable,
+    PagedSlotTable,
     caller_order_index,
     commit,
     kv_block_offsets,
@@ -158,7 +158,7 @@ def read_manifest(engine_dir: Path) -> dict[str, Any]:
 
 # --- engine inputs (pure) ---------------------------------------------------------------------------------
 def engine_inputs(
-    batch: PackedBatch, table: SlotTable, num_layers: int, pool_pointer: int, pool_mapping_rank: int = 1
+    batch: PackedBatch, table: PagedSlotTable, num_layers: int, pool_pointer: int, pool_mapping_rank: int = 1
 ) -> dict[str, torch.Tensor]:
     """Every named input of a TensorRT-LLM decoder engine (packed input, paged KV, GPT attention plugin),
     as CPU tensors; `_TrtSession` moves the non-host ones to the GPU. B = requests, N = tokens."""
@@ -349,7 +349,7 @@ class TrtllmTargetEngine(TargetEngine):
         self.capture_layers = capture
         self.tokenizer = tokenizer
         self.checkpoint_dir = ckpt.path  # as TorchTargetEngine (benchmarks compare against HF on it)
-        self.slots = SlotTable(
+        self.slots = PagedSlotTable(
             cfg.max_batch_size,
             cfg.max_seq_len,
             int(manifest.get("tokens_per_block", DEFAULT_TOKENS_PER_BLOCK)),
@@ -368,24 +368,9 @@ class TrtllmTargetEngine(TargetEngine):
         )
         self._lm_head = st[head].to(cfg.device, torch.float32)  # [V, H] fp32, as the torch engine
         self._norm = st["model.norm.weight"].to(cfg.device, self.dtype)  # [H]
-        self.info = ModelInfo(
-            name=ckpt.name,
-            fingerprint=ckpt.fingerprint,
-            vocab_size=arch.vocab_size,
-            hidden_size=arch.hidden_size,
-            num_layers=arch.num_layers,
-            num_heads=arch.num_heads,
-            num_kv_heads=arch.num_kv_heads,
-            head_dim=arch.head_dim,
-            intermediate_size=arch.intermediate_size,
-            rms_norm_eps=arch.rms_norm_eps,
-            rope_theta=arch.rope_theta,
-            capture_layers=capture,
-            eos_token_ids=arch.eos_token_ids,
-            max_seq_len=cfg.max_seq_len,
-            max_batch_size=cfg.max_batch_size,
-            dtype=cfg.dtype,
-            device=cfg.device,
+        self.info = ModelInfo.from_arch(
+            arch, name=ckpt.name, fingerprint=ckpt.fingerprint, capture_layers=capture, max_seq_len=cfg.max_seq_len,
+            max_batch_size=cfg.max_batch_size, dtype=cfg.dtype, device=cfg.device,
         )
         log.info(
             "TensorRT-LLM target engine from %s (capture layers %s, max_num_tokens %d)",

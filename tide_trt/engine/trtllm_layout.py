@@ -25,55 +25,38 @@ from dataclasses import dataclass
 
 import torch
 
+from tide_trt.engine.slots import SlotTable
 from tide_trt.errors import TideError
 
 CONTEXT = 0  # TensorRT-LLM RequestType kCONTEXT
 GENERATION = 1  # TensorRT-LLM RequestType kGENERATION
 
 
-class SlotTable:
-    """Slot allocation and per-slot cached lengths over a statically partitioned paged KV cache."""
+class PagedSlotTable(SlotTable):
+    """`SlotTable` over a statically partitioned paged KV cache: slot s owns blocks [s*M, (s+1)*M); also tracks
+    each slot's prompt length (the tokens of its first step), which TensorRT-LLM's generation requests need."""
 
     def __init__(self, max_slots: int, max_seq_len: int, tokens_per_block: int):
         if max_slots < 1 or max_seq_len < 1 or tokens_per_block < 1:
             raise TideError("max_slots, max_seq_len and tokens_per_block must all be >= 1")
-        self.max_slots = max_slots
+        super().__init__(max_slots)
         self.max_seq_len = max_seq_len
         self.tokens_per_block = tokens_per_block
         self.blocks_per_slot = -(-max_seq_len // tokens_per_block)  # ceil
-        self._lengths = [0] * max_slots
         self._prompt = [0] * max_slots  # tokens appended by the slot's first call (its prompt)
-        self._free = list(range(max_slots - 1, -1, -1))  # pop() hands out low slots first
-        self._used: set[int] = set()
 
     @property
     def num_blocks(self) -> int:
         return self.max_slots * self.blocks_per_slot
 
     def allocate(self) -> int:
-        if not self._free:
-            raise TideError("no free KV-cache slot")
-        slot = self._free.pop()
-        self._used.add(slot)
-        self._lengths[slot] = 0
+        slot = super().allocate()
         self._prompt[slot] = 0
         return slot
 
     def free(self, slot: int) -> None:
-        self._check(slot)
-        self._used.discard(slot)
-        self._lengths[slot] = 0
+        super().free(slot)
         self._prompt[slot] = 0
-        self._free.append(slot)
-        self._free.sort(reverse=True)
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def seq_len(self, slot: int) -> int:
-        self._check(slot)
-        return self._lengths[slot]
 
     def prompt_len(self, slot: int) -> int:
         self._check(slot)
@@ -81,26 +64,24 @@ class SlotTable:
 
     def truncate(self, slot: int, length: int) -> None:
         """Roll back to `length` cached tokens: no copy, no block is released (the partition is static)."""
-        self._check(slot)
-        if not 0 <= length <= self._lengths[slot]:
-            raise ValueError(f"cannot truncate slot {slot} of length {self._lengths[slot]} to {length}")
-        self._lengths[slot] = length
+        super().truncate(slot, length)
         self._prompt[slot] = min(self._prompt[slot], length)
 
     def advance(self, slot: int, count: int) -> None:
-        self._check(slot)
-        if self._lengths[slot] == 0:
+        if self.seq_len(slot) == 0:
             self._prompt[slot] = count
-        self._lengths[slot] += count
+        super().advance(slot, count)
+
+    def move(self, src: int, dst: int) -> int:
+        prompt = self._prompt[src]
+        length = super().move(src, dst)
+        self._prompt[dst] = prompt
+        return length
 
     def block_ids(self, slot: int) -> list[int]:
         """The pool blocks that hold slot's tokens, in token order."""
         first = slot * self.blocks_per_slot
         return list(range(first, first + self.blocks_per_slot))
-
-    def _check(self, slot: int) -> None:
-        if slot not in self._used:
-            raise ValueError(f"slot {slot} is not allocated")
 
 
 @dataclass(frozen=True)
@@ -158,7 +139,7 @@ def check_token_budget(counts: list[int], max_num_tokens: int) -> None:
 
 
 def pack_batch(
-    slots: list[int], tokens: list[list[int]], table: SlotTable, max_num_tokens: int | None = None
+    slots: list[int], tokens: list[list[int]], table: PagedSlotTable, max_num_tokens: int | None = None
 ) -> PackedBatch:
     """Pack one forward call (tokens[i] appended to slots[i]) into TensorRT-LLM's remove-padding layout.
 
@@ -219,7 +200,7 @@ def pack_batch(
 
 
 def kv_block_offsets(
-    batch: PackedBatch, table: SlotTable, num_layers: int, kv_factor: int = 2
+    batch: PackedBatch, table: PagedSlotTable, num_layers: int, kv_factor: int = 2
 ) -> torch.Tensor:
     """kv_cache_block_offsets [1, B, kv_factor, M] int32 for one pool.
 
@@ -282,7 +263,7 @@ def unpack_logits(flat: torch.Tensor, batch: PackedBatch, mode: str) -> torch.Te
     return out[:, None]  # [B, 1, V]
 
 
-def commit(batch: PackedBatch, table: SlotTable) -> None:
+def commit(batch: PackedBatch, table: PagedSlotTable) -> None:
     """Advance every slot of a finished step by its appended token count."""
     for s, n in zip(batch.slots, batch.counts, strict=True):
         table.advance(s, n)

@@ -31,6 +31,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class NativeLinear(nn.Module):
     """Inference-only stand-in for a bias-free nn.Linear: bfloat16 weight, float32 activations, native kernel."""
 
+    weight: torch.Tensor  # [N, K] bfloat16 buffer
+
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.register_buffer("weight", weight.detach().to(torch.bfloat16).contiguous())  # [N, K]

@@ -312,4 +312,5 @@ def grouped_attention(q: torch.Tensor, cache: KVCache, layer: int, groups: list[
         else:
             assert g.gather is not None and g.valid is not None  # a group without a token range has its gather
             out[g.gather[g.valid]] = o[g.valid]
+    assert out is not None
     return out

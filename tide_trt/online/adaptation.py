@@ -40,8 +40,10 @@ class OnlineAdaptation:
 
     def __init__(self, detector: DriftDetector, buffer: SignalBuffer | None, watcher: RefitWatcher | None,
                  *, draft_limited_fn: Callable[[], bool] | None = None):
-        """`draft_limited_fn`: the adaptive controller's `draft_limited` (speculation off for lack of acceptance),
-        read every step for the draft-limited collection trigger (drift.py); None without a controller."""
+        """`buffer` decides collection with the `collect_fn` it was built with — `detector.collection_enabled` for
+        Algorithm 1 (as `from_config` builds it). `draft_limited_fn`: the adaptive controller's `draft_limited`
+        (speculation off for lack of acceptance), read every step for the draft-limited collection trigger
+        (drift.py); None without a controller."""
         self.detector = detector
         self.buffer = buffer
         self.watcher = watcher
@@ -49,8 +51,6 @@ class OnlineAdaptation:
         self._steps = 0
         self.rounds_applied = 0
         self._draft_limited_fn = draft_limited_fn
-        if buffer is not None:  # a request's signals are kept iff collection is on when it is admitted
-            buffer.collect_fn = lambda: self.detector.collection_enabled
 
     @classmethod
     def from_config(
@@ -70,6 +70,7 @@ class OnlineAdaptation:
                 dtype=s.dtype,
                 capture_prompt=s.capture_prompt,
                 flush_seconds=s.flush_seconds,
+                collect_fn=lambda: detector.collection_enabled,  # a request is kept iff collection is on at admission
             )
         watcher = None
         if cfg.trainer.drafts_dir:  # refit_poll_seconds 0 = check every step
@@ -133,8 +134,8 @@ class OnlineAdaptation:
     def metrics(self) -> dict[str, float]:
         snap = self.detector.snapshot()
         m = {
-            "drift_acceptance_short": snap.acceptance_short,
-            "drift_acceptance_long": snap.acceptance_long,
+            "drift_accepted_per_drafted_short": snap.accepted_per_drafted_short,
+            "drift_accepted_per_drafted_long": snap.accepted_per_drafted_long,
             "signals_collection_enabled": float(snap.collection_enabled),
             "signals_collection_draft_limited": float(snap.draft_limited and not snap.draft_limited_suspended),
             "drift_detections": float(snap.detections),

@@ -42,7 +42,7 @@ class ControllerPlugin:
         decode = [e for e in events if not e.is_prefill]
         if not decode:
             return
-        had_prefill = len(decode) != len(events)
+        had_prefill = generator.last_step_prompt_tokens > 0  # a prompt chunk rode along: not a decode timing
         step_gamma = max(e.num_draft for e in decode)
         self.steps_by_gamma[step_gamma] = self.steps_by_gamma.get(step_gamma, 0) + 1
         self.controller.observe([e.request_id for e in decode], [e.num_draft for e in decode],
@@ -62,7 +62,7 @@ class ControllerPlugin:
 
     def metrics(self) -> dict[str, float]:
         s = self.state()
-        out = {"controller_gamma": float(s.gamma), "controller_acceptance_ema": s.global_acceptance,
+        out = {"controller_gamma": float(s.gamma), "controller_alpha": s.global_alpha,
                "controller_predicted_speedup": s.predicted_speedup,
                "controller_switches": float(s.num_switches), "controller_probes": float(s.num_probes)}
         if s.measured_speedup is not None:

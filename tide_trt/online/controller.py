@@ -60,7 +60,7 @@ class ControllerState:
     mode: str
     gamma: int  # γ returned by the last choose_gamma (the probe γ while probing)
     committed_gamma: int  # γ the decision rule settled on
-    global_acceptance: float
+    global_alpha: float  # α̂ over all requests: discounted Σk / Σ(k + [k<γ]) (censored trials)
     predicted_speedup: float  # of `gamma` for the last batch, vs plain decoding
     measured_speedup: float | None  # EMA of measured tokens/s at `gamma` / profiled plain tokens/s
     steps: int
@@ -115,13 +115,13 @@ class AdaptiveController:
         return self.gamma_max > 0 and self.config.probe_steps > 0
 
     @property
-    def global_acceptance(self) -> float:
+    def global_alpha(self) -> float:
         s, t = self._global
         return s / t if t > 1e-12 else self.config.prior_acceptance
 
     def acceptance(self, request_id: str, global_alpha: float | None = None) -> float:
         """Current α estimate of one request (the global estimate for an unknown request)."""
-        g = self.global_acceptance if global_alpha is None else global_alpha
+        g = self.global_alpha if global_alpha is None else global_alpha
         est = self._req.get(request_id)
         if est is None:
             return g
@@ -135,7 +135,7 @@ class AdaptiveController:
             ratios = step_cost_ratios(b, self.profile, self.gamma_max)
             if len(self._ratios) < 1024:
                 self._ratios[b] = ratios
-        g = self.global_acceptance
+        g = self.global_alpha
         means = mean_expected_tokens([self.acceptance(r, g) for r in request_ids], self.gamma_max)
         return [m * r for m, r in zip(means, ratios, strict=True)]
 
@@ -317,7 +317,7 @@ class AdaptiveController:
             mode=self.config.mode,
             gamma=self._last_gamma,
             committed_gamma=self._committed,
-            global_acceptance=self.global_acceptance,
+            global_alpha=self.global_alpha,
             predicted_speedup=self._predicted,
             measured_speedup=self._measured.get(self._last_gamma),
             steps=self._steps,

@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 class DriftState:
     """Metrics snapshot of a :class:`DriftDetector` (no tensors)."""
 
-    acceptance_short: float
-    acceptance_long: float
+    accepted_per_drafted_short: float  # ᾱ_short: EMA of accepted/drafted per request-step
+    accepted_per_drafted_long: float  # ᾱ_long
     collection_enabled: bool
     armed: bool
     drifting: bool  # ᾱ_short < ᾱ_long − ε right now
@@ -199,8 +199,8 @@ class DriftDetector:
 
     def snapshot(self) -> DriftState:
         return DriftState(
-            acceptance_short=self._short.value,
-            acceptance_long=self._long.value,
+            accepted_per_drafted_short=self._short.value,
+            accepted_per_drafted_long=self._long.value,
             collection_enabled=self.collection_enabled,
             armed=self.armed,
             drifting=self.drifting,

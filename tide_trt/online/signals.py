@@ -6,8 +6,9 @@ device-side copy of the capture states to the storage dtype, and a queue put. Ev
 CPU, grouping per request, writing shards) runs on the writer thread. When the buffer holds
 `buffer_tokens` tokens, new signals are dropped and counted; requests are never slowed or dropped.
 
-Collection is decided per request when its first signal arrives (`collect_fn()`, Algorithm 1's switch):
-a request is captured whole or not at all, so every stored sequence is contiguous.
+Collection is decided per request when its first signal arrives (`collect_fn()`, Algorithm 1's switch, given to
+the constructor; without one every request is collected): a request is captured whole or not at all, so every
+stored sequence is contiguous.
 
 Shard format (`SHARD_FORMAT`), S sequences, N tokens, C capture layers, H hidden size:
     hidden_states   [N, C, H]  bf16 (signals.dtype)   capture-layer states, row r = one committed position
@@ -183,7 +184,7 @@ class SignalBuffer:
         self.dtype = STORE_DTYPES[dtype]
         self.capture_prompt = capture_prompt
         self.flush_seconds = flush_seconds
-        self.collect_fn = collect_fn or (lambda: True)
+        self._collect_fn = collect_fn or (lambda: True)  # Algorithm 1's switch, read once per request
         self.draft_version = -1  # set by the owner (the version serving new requests)
         self._reqs: dict[str, _Capture] = {}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -204,7 +205,7 @@ class SignalBuffer:
         """SpeculativeGenerator signal sink: hidden [n, C, H] at positions start..start+n-1."""
         st = self._reqs.get(request_id)
         if st is None:
-            st = self._reqs[request_id] = _Capture(bool(self.collect_fn()), self.draft_version)
+            st = self._reqs[request_id] = _Capture(bool(self._collect_fn()), self.draft_version)
             if not st.capturing:
                 self.counters["sequences_skipped"] += 1
         if not st.capturing:

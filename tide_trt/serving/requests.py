@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 
@@ -111,7 +111,7 @@ def check_prompt_length(num_prompt_tokens: int, limits: RequestLimits) -> None:
 
 
 # ---- field helpers -----------------------------------------------------------------------------
-def _one(arr: np.ndarray, name: str) -> np.generic:
+def _one(arr: np.ndarray, name: str) -> Any:
     if not isinstance(arr, np.ndarray):
         raise RequestError(f"{name} must be a tensor, got {type(arr).__name__}")
     if arr.size != 1:

@@ -1,7 +1,7 @@
 """Serving statistics: counters and gauges the scheduler keeps, exported as flat `tide_*` name -> value pairs.
 
 Names ending in `_total` are monotonic counters (Prometheus counters); everything else is a gauge.
-Windowed gauges (acceptance rate, τ) cover the last `window_steps` engine steps.
+Windowed gauges (accepted/drafted, τ) cover the last `window_steps` engine steps.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ DESCRIPTIONS: dict[str, str] = {
     "tide_engine_steps_total": "Engine steps (batched)",
     "tide_step_seconds_total": "Time spent in engine steps",
     "tide_response_seconds_total": "Time the scheduler thread spent handing responses to the frontend",
-    "tide_acceptance_rate": "Accepted / draft tokens over the recent window",
+    "tide_accepted_per_drafted": "Accepted / draft tokens over the recent window",
     "tide_mean_accepted_len": "tau: output tokens per verification step over the recent window (plain = 1)",
     "tide_gamma": "Draft length chosen for the last engine step (0 = plain decoding)",
     "tide_draft_version": "Version of the draft being served (-1 = no draft)",
@@ -101,7 +101,7 @@ class ServingStats:
             accepted = sum(s.accepted for s in self._window)
             output = sum(s.output for s in self._window)
             seq_steps = sum(s.seq_steps for s in self._window)
-        out["tide_acceptance_rate"] = accepted / draft if draft else 0.0
+        out["tide_accepted_per_drafted"] = accepted / draft if draft else 0.0
         out["tide_mean_accepted_len"] = output / seq_steps if seq_steps else 0.0
         for name, value in (extra or {}).items():
             key = metric_name(name)
