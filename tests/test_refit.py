@@ -18,8 +18,8 @@ from tide_trt.config import EngineConfig, ModelConfig, config_from_dict
 from tide_trt.draft.checkpoint import save_draft
 from tide_trt.draft.drafter import ChainDrafter
 from tide_trt.draft.eagle3 import Eagle3Head
-from tide_trt.engine.generator import GenerationRequest, SequenceState, SpeculativeGenerator, StepEvent
-from tide_trt.engine.hooks import StaticGamma, run_step
+from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator, StepEvent
+from tide_trt.engine.hooks import PassiveStepPlugin, StaticGamma, run_step
 from tide_trt.engine.torch_engine import TorchTargetEngine
 from tide_trt.online.adaptation import build_online_plugins
 from tide_trt.online.refit import RefitWatcher
@@ -46,29 +46,17 @@ def oracle_head(engine: TorchTargetEngine, tiny_oracle) -> Eagle3Head:
     return tiny_oracle.load(engine)
 
 
-class StepLog:
+class StepLog(PassiveStepPlugin):
     """Step plugin: per step, the draft version used and what verification reported (StepEvent)."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[int, int, int]] = []  # (draft version, verification rows, tokens they committed)
-
-    def before_step(self, generator: SpeculativeGenerator) -> None:
-        pass
 
     def after_step(self, generator: SpeculativeGenerator, gamma: int, events: Sequence[StepEvent],
                    seconds: float) -> None:  # fmt: skip
         rows = [ev for ev in events if not ev.is_prefill]
         if rows:
             self.steps.append((generator.drafter.version, len(rows), sum(len(ev.new_token_ids) for ev in rows)))
-
-    def on_finish(self, seq: SequenceState) -> None:
-        pass
-
-    def metrics(self) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        pass
 
     def tau(self, versions: set[int]) -> float:
         """Output tokens per verification step over the steps drafted by `versions`."""

@@ -47,6 +47,7 @@ import psutil
 import pytest
 import yaml
 
+from tests.prometheus_scrape import tide_metrics, wait_for_metrics
 from tide_trt.commands.client import build_inputs, generate
 from tide_trt.serving.tritonserver import free_ports
 
@@ -173,23 +174,11 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def metrics(s: Served) -> dict[str, float]:
-    with urllib.request.urlopen(s.metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("tide_"):
-            name, value = line.rsplit(" ", 1)
-            out[name.split("{")[0]] = float(value)
-    return out
+    return tide_metrics(s.metrics_url)
 
 
 def wait_metrics(s: Served, check, timeout: float = 60.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout
-    while True:
-        m = metrics(s)
-        if check(m) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.2)
+    return wait_for_metrics(lambda: metrics(s), check, timeout)
 
 
 def http_raw(s: Served, path: str, body: bytes) -> tuple[int, str]:
@@ -207,9 +196,14 @@ def _idle(m: dict[str, float]) -> bool:
 
 
 # ---- 1. the greedy reference ------------------------------------------------------------------------
-def test_greedy_answers_alone(served: Served) -> None:
+def _record_greedy(served: Served) -> None:
     for prompt in [PROMPT, *PROMPTS]:
-        served.greedy[prompt] = generate(served.grpc, prompt, 16, stream=True, timeout_s=120).text
+        if prompt not in served.greedy:
+            served.greedy[prompt] = generate(served.grpc, prompt, 16, stream=True, timeout_s=120).text
+
+
+def test_greedy_answers_alone(served: Served) -> None:
+    _record_greedy(served)
     assert all(served.greedy.values()), served.greedy
     code, body = http_raw(served, "tide/generate_stream",
                           json.dumps({"text_input": PROMPT, "max_tokens": 16, "stream": True}).encode())
@@ -478,15 +472,14 @@ import sys, time
 import tritonclient.grpc as g
 from tide_trt.commands.client import build_inputs
 c = g.InferenceServerClient(sys.argv[1])
-c.start_stream(callback=lambda r, e: print("event", flush=True))
+c.start_stream(callback=lambda result, error: print("event", flush=True))
 c.async_stream_infer("tide", build_inputs(sys.argv[2], 128, stream=True), request_id="broken")
 time.sleep(600)
 """
 
 
-@pytest.mark.xfail(reason="unfinished (session ran out of time): after the HTTP stream reset the gRPC stream in the "
-                   "next step was not seen to start; not yet diagnosed", strict=False)
 def test_sigterm_with_broken_client_streams_stops_everything_in_grace(served: Served) -> None:
+    _record_greedy(served)  # the reference, also when this test runs alone
     # an HTTP stream reset mid-stream (RST, no FIN) ...
     host, port = served.http.split(":")
     sock = socket.create_connection((host, int(port)), timeout=30)
@@ -504,10 +497,13 @@ def test_sigterm_with_broken_client_streams_stops_everything_in_grace(served: Se
     assert generate(served.grpc, PROMPT, 16, stream=True, timeout_s=60).text == served.greedy[PROMPT]
     # ... and a gRPC client killed mid-stream
     client = subprocess.Popen([sys.executable, "-c", _GRPC_CLIENT, served.grpc, PROMPTS[2]],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert client.stdout is not None
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert client.stdout is not None and client.stderr is not None
     ready, _, _ = select.select([client.stdout], [], [], 60)  # bounded: never hang the suite
-    assert ready and client.stdout.readline().startswith("event"), "the gRPC client got no response in 60 s"
+    if not ready:
+        client.kill()
+        raise AssertionError(f"the gRPC client got no response in 60 s: {client.stderr.read()[-2000:]}")
+    assert client.stdout.readline().startswith("event")
     client.kill()
     client.wait(10)
     members = _tree(served.proc.pid)

@@ -15,7 +15,7 @@ import pytest
 from tests.oracle_draft import SCHEDULER_PROMPTS, char_ids
 from tide_trt.config import EngineConfig, config_from_dict
 from tide_trt.engine.generator import SequenceState, SpeculativeGenerator, StepEvent
-from tide_trt.engine.hooks import StaticGamma
+from tide_trt.engine.hooks import PassiveStepPlugin, StaticGamma
 from tide_trt.errors import RequestError
 from tide_trt.serving.metrics import TritonMetrics
 from tide_trt.serving.requests import (
@@ -265,7 +265,7 @@ def test_continuous_batching_matches_engine(tiny_dir: Path) -> None:
         svc.stop()
 
 
-class AcceptanceRecorder:
+class AcceptanceRecorder(PassiveStepPlugin):
     """Step plugin: what verification reported per request (StepEvent.num_draft / num_accepted, decode rows)."""
 
     def __init__(self) -> None:
@@ -273,9 +273,6 @@ class AcceptanceRecorder:
         self.accepted: dict[str, int] = defaultdict(int)
         self.new_tokens: dict[str, int] = defaultdict(int)  # tokens committed by verification steps
         self.steps: dict[str, int] = defaultdict(int)  # verification steps
-
-    def before_step(self, generator: SpeculativeGenerator) -> None:
-        pass
 
     def after_step(self, generator: SpeculativeGenerator, gamma: int, events: Sequence[StepEvent],
                    seconds: float) -> None:  # fmt: skip
@@ -285,15 +282,6 @@ class AcceptanceRecorder:
                 self.accepted[ev.request_id] += ev.num_accepted
                 self.new_tokens[ev.request_id] += len(ev.new_token_ids)
                 self.steps[ev.request_id] += 1
-
-    def on_finish(self, seq: SequenceState) -> None:
-        pass
-
-    def metrics(self) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 def test_speculative_path_is_lossless_and_reports_perf(tiny_dir: Path, tiny_oracle) -> None:

@@ -31,7 +31,7 @@ fixed, so the outcome is deterministic. (Verifying sampled drafts as if they wer
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,13 +85,7 @@ RUNS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one intra-op thread (conftest)
 
 
 @pytest.fixture(scope="module")
@@ -182,9 +176,9 @@ class RecordingDrafter(ChainDrafter):
         self.first_q: list[tuple[list[int], list[int], torch.Tensor]] = []  # (slots, t1s, q [k, V]) per call
 
     def propose(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]],
-                gamma: int, sampling: DraftSampling | None, histories: list[list[int]] | None = None
-                ) -> DraftProposal:
-        proposal = super().propose(slots, pending_hidden, pending_tokens, gamma, sampling, histories)
+                gamma: int, sampling: DraftSampling | None, histories: list[list[int]] | None = None,
+                gammas: list[int] | None = None) -> DraftProposal:
+        proposal = super().propose(slots, pending_hidden, pending_tokens, gamma, sampling, histories, gammas)
         assert proposal.probs is not None  # every trial samples
         rows = [b for b, toks in enumerate(pending_tokens) if len(toks) == len(PROMPT)]  # first catch-up:
         # its tokens are 1..len(PROMPT), i.e. PROMPT[1:] + [t1]

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.prometheus_scrape import tide_metrics, wait_for_metrics
 from tide_trt.commands.client import build_inputs, generate, read_response
 from tide_trt.config import config_from_dict, config_to_dict, load_config
 from tide_trt.errors import TideError
@@ -123,25 +124,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
 
 
 def metrics(stack: Stack) -> dict[str, float]:
-    with urllib.request.urlopen(stack.server.urls.metrics, timeout=10) as resp:
-        text = resp.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line.startswith("tide_"):
-            name, value = line.rsplit(" ", 1)
-            out[name.split("{")[0]] = float(value)
-    return out
+    return tide_metrics(stack.server.urls.metrics)
 
 
 def wait_metrics(stack: Stack, check, timeout: float = 30.0) -> dict[str, float]:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        m = metrics(stack)
-        if check(m) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.2)
+    return wait_for_metrics(lambda: metrics(stack), check, timeout)
 
 
 def settled_metrics(stack: Stack, check) -> dict[str, float]:

@@ -34,6 +34,26 @@ class StepPlugin(Protocol):
         """Release resources (flush buffers, stop threads); called once at shutdown."""
 
 
+class PassiveStepPlugin:
+    """A StepPlugin whose hooks do nothing: observers subclass it and override only what they watch."""
+
+    def before_step(self, generator: SpeculativeGenerator) -> None:
+        return None
+
+    def after_step(self, generator: SpeculativeGenerator, gamma: int, events: Sequence[StepEvent],
+                   seconds: float) -> None:
+        return None
+
+    def on_finish(self, seq: SequenceState) -> None:
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        return None
+
+
 class GammaPolicy(Protocol):
     def choose_gamma(self, request_ids: Sequence[str]) -> int: ...
 
