@@ -492,8 +492,10 @@ class StepTimer:
     `with timer.attached():` instance attributes wrap the real methods (nothing else changes); a part may name
     several methods (`forward_step`, and `forward` that calls it): only the outermost call is timed."""
 
-    def __init__(self, device: str, targets: dict[str, tuple[Any, tuple[str, ...]]]) -> None:
+    def __init__(self, device: str, targets: dict[str, tuple[Any, tuple[str, ...]]],
+                 prompt_tokens: Callable[[], int] = lambda: 0) -> None:
         self.device = device
+        self.prompt_tokens = prompt_tokens  # the generator's last_step_prompt_tokens: > 0 -> not a decode step
         self.targets = targets  # part -> (object, method names); object None: the part does not run here
         self.current: dict[str, list[float]] = {}
         self.depth: dict[str, int] = {}
@@ -535,8 +537,6 @@ class StepTimer:
                     setattr(obj, attr, old)
                 else:
                     delattr(obj, attr)
-
-    prompt_tokens: Callable[[], int] = staticmethod(lambda: 0)  # the generator's last_step_prompt_tokens
 
     def step(self, call: Callable[[], list]) -> list:
         self.current = {}
@@ -586,8 +586,8 @@ def step_breakdown(rig: Rig, prompts: Sequence[list[int]], bs: int, args: argpar
         run_requests(gen, chunk, min(args.warmup_tokens, args.breakdown_max_new_tokens), gamma, rig.eos,
                      f"bw{mode}{bs}")  # warm-up (graph capture) outside the timed run
         timer = StepTimer(args.device, {"target_forward": (rig.engine, ("forward_step", "forward")),
-                                        "draft": (rig.drafter if gamma else None, ("propose",))})
-        timer.prompt_tokens = lambda g=gen: g.last_step_prompt_tokens  # type: ignore[method-assign]
+                                        "draft": (rig.drafter if gamma else None, ("propose",))},
+                          prompt_tokens=lambda g=gen: g.last_step_prompt_tokens)
         with timer.attached():
             run_requests(gen, chunk, args.breakdown_max_new_tokens, gamma, rig.eos, f"b{mode}{bs}",
                          on_step=timer.step)
