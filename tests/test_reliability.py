@@ -47,7 +47,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.prometheus_scrape import tide_metrics, wait_for_metrics
+from tests.server_helpers import grpc_inputs_with, tide_metrics, wait_for_metrics
 from tide_trt.commands.client import build_inputs, generate
 from tide_trt.serving.tritonserver import free_ports
 
@@ -214,18 +214,7 @@ def test_greedy_answers_alone(served: Served) -> None:
 
 # ---- 2. malformed requests ---------------------------------------------------------------------------
 def _grpc_inputs(changes: dict[str, Any]) -> list:
-    import tritonclient.grpc as grpcclient
-
-    inputs = {i.name(): i for i in build_inputs("hello", 4, stream=True)}
-    for name, value in changes.items():
-        if value is None:
-            inputs.pop(name)
-            continue
-        dtype, arr = value
-        t = grpcclient.InferInput(name, list(arr.shape), dtype)
-        t.set_data_from_numpy(arr)
-        inputs[name] = t
-    return list(inputs.values())
+    return grpc_inputs_with(changes, stream=True)
 
 
 def _b(*texts: bytes) -> tuple[str, np.ndarray]:

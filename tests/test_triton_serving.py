@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.prometheus_scrape import tide_metrics, wait_for_metrics
+from tests.server_helpers import grpc_inputs_with, tide_metrics, wait_for_metrics
 from tide_trt.commands.client import build_inputs, generate, read_response
 from tide_trt.config import config_from_dict, config_to_dict, load_config
 from tide_trt.errors import TideError
@@ -260,18 +260,7 @@ def test_cancelled_streams_free_their_slots(stack: Stack) -> None:
 
 
 def _bad(**changes):
-    import tritonclient.grpc as grpcclient
-
-    inputs = {i.name(): i for i in build_inputs("hello", 4, stream=False)}
-    for name, value in changes.items():
-        if value is None:
-            inputs.pop(name)
-            continue
-        dtype, arr = value
-        t = grpcclient.InferInput(name, list(arr.shape), dtype)
-        t.set_data_from_numpy(arr)
-        inputs[name] = t
-    return list(inputs.values())
+    return grpc_inputs_with(changes, stream=False)
 
 
 BAD = [

@@ -145,17 +145,9 @@ def draw_uniforms(
     that owns its generator consumes exactly ``width`` numbers per call whatever the batch looks like.
     A generator may appear on several rows (e.g. one shared generator for many trials).
     """
-    n = len(generators)
-    out = torch.full((n, width), math.nan, dtype=torch.float32, device=device)  # [N, width]
-    groups: dict[int, tuple[torch.Generator, list[int]]] = {}
-    for row, gen in enumerate(generators):
-        if gen is not None:
-            groups.setdefault(id(gen), (gen, []))[1].append(row)
-    for gen, rows in groups.values():
-        u = torch.rand((len(rows), width), generator=gen, device=gen.device)  # [rows, width]
-        idx = torch.tensor(rows, dtype=torch.int64, device=device)  # [rows]
-        out[idx] = u.to(device)
-    return out
+    if not generators:
+        return torch.empty((0, width), dtype=torch.float32, device=device)
+    return draw_uniforms_ragged(generators, [width] * len(generators), device)
 
 
 def draw_uniforms_ragged(
