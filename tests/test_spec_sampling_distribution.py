@@ -177,8 +177,9 @@ class RecordingDrafter(ChainDrafter):
 
     def propose(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]],
                 gamma: int, sampling: DraftSampling | None, histories: list[list[int]] | None = None,
-                gammas: list[int] | None = None) -> DraftProposal:
-        proposal = super().propose(slots, pending_hidden, pending_tokens, gamma, sampling, histories, gammas)
+                gammas: list[int] | None = None, lookups: list[list[int] | None] | None = None) -> DraftProposal:
+        proposal = super().propose(slots, pending_hidden, pending_tokens, gamma, sampling, histories, gammas,
+                                   lookups)
         assert proposal.probs is not None  # every trial samples
         rows = [b for b, toks in enumerate(pending_tokens) if len(toks) == len(PROMPT)]  # first catch-up:
         # its tokens are 1..len(PROMPT), i.e. PROMPT[1:] + [t1]

@@ -99,9 +99,11 @@ class ChainDrafter:
         out = self.chain_graphs.run((bucket, steps), slot_t, hidden, logits, positions, marker)
         return out[:b]
 
-    def lookup_covers(self, history: list[int]) -> bool:
-        """The n-gram lookup would propose for this history (its last lookup_ngram tokens occurred earlier)."""
-        return self.lookup_ngram > 0 and lookup_continuation(np.asarray(history), self.lookup_ngram, 1) is not None
+    def lookup(self, history: list[int], gamma: int) -> list[int] | None:
+        """The n-gram lookup's γ-token proposal for this history, or None where it does not cover it."""
+        if self.lookup_ngram <= 0:
+            return None
+        return lookup_continuation(np.asarray(history), self.lookup_ngram, gamma)
 
     def _serving_copy(self, head: Eagle3Head) -> Eagle3Head:
         embed = head.embed
@@ -149,16 +151,17 @@ class ChainDrafter:
     @torch.inference_mode()
     def propose(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]],
                 gamma: int, sampling: DraftSampling | None, histories: list[list[int]] | None = None,
-                gammas: list[int] | None = None) -> DraftProposal:
+                gammas: list[int] | None = None, lookups: list[list[int] | None] | None = None) -> DraftProposal:
         """pending_hidden[b] [m_b, C, H] / pending_tokens[b] (m_b ids): the true entries not yet cached.
         histories[b]: the row's whole token sequence, for n-gram lookup proposals (when `lookup_ngram` > 0); the
         head always catches up, so its cache stays current whichever proposal a row takes.
-        gammas[b]: the row's draft length (None: γ for all); the result is [B, γ] with row b valid up to gammas[b]."""
+        gammas[b]: the row's draft length (None: γ for all); the result is [B, γ] with row b valid up to gammas[b].
+        lookups: the rows' lookup proposals when the caller already computed them (`lookup`), else computed here."""
         row_gamma = gammas if gammas is not None else [gamma] * len(slots)
-        lookups: list[list[int] | None] = [None] * len(slots)
-        if self.lookup_ngram > 0 and histories is not None:
-            lookups = [lookup_continuation(np.asarray(h), self.lookup_ngram, g) for h, g in zip(histories, row_gamma,
-                                                                                               strict=True)]
+        if lookups is None:
+            lookups = [None] * len(slots)
+            if histories is not None:
+                lookups = [self.lookup(h, g) for h, g in zip(histories, row_gamma, strict=True)]
         head = self.head
         dev = self.device
         bsz = len(slots)

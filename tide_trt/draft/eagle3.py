@@ -140,7 +140,6 @@ class Eagle3Head(nn.Module):
         writing chained entries at positions [B], +1 per step. Each entry attends to its slot's whole cache range
         [0, L) under a mask, so shapes never depend on the positions."""
         c = self.cfg
-        b = hidden.shape[0]
         key_pos = torch.arange(cache.max_seq_len, device=hidden.device)  # [L]
         scale = 1.0 / math.sqrt(c.head_dim)
         out = []
@@ -157,7 +156,6 @@ class Eagle3Head(nn.Module):
             hidden = self._finish(feature, attn)[:, 0]  # [B, H]
             logits = self.logits(hidden)
             positions = positions + 1
-        del b
         return torch.stack(out, dim=1)  # [B, steps]
 
     # ---- training: training-time test (unrolled chain) ---------------------------------------------------

@@ -192,12 +192,12 @@ class SpeculativeGenerator:
         running = sorted((s for s in self.sequences.values() if s.prefilled and not s.finished),
                          key=lambda s: s.slot)
         waiting = [s for s in self.sequences.values() if not s.prefilled and not s.finished]  # arrival order
-        row_gammas = self._row_gammas(running, gamma, drafting, gammas, prefill_waiting=bool(waiting))
+        row_gammas, looked_up = self._row_gammas(running, gamma, drafting, gammas, prefill_waiting=bool(waiting))
         chunks = plan_prompt_chunks(waiting, self.max_num_tokens - sum(g + 1 for g in row_gammas))
         self.last_step_prompt_tokens = sum(n for _, n in chunks)
         if not running and not chunks:
             return []
-        proposal = self._propose(running, row_gammas)
+        proposal = self._propose(running, row_gammas, looked_up)
         rows = [StepRow(s.slot, len(s.tokens) - 1, (s.tokens[-1], *proposal.tokens.get(s.slot, [])[:g]), gamma=g)
                 for s, g in zip(running, row_gammas, strict=True)]
         for s, n in chunks:
@@ -209,20 +209,27 @@ class SpeculativeGenerator:
         return self._commit_step(batch, out, running, row_gammas, chunks, proposal)
 
     def _row_gammas(self, running: list[SequenceState], gamma: int, drafting: Collection[str] | None,
-                    overrides: Mapping[str, int] | None, prefill_waiting: bool) -> list[int]:
-        """Draft length of each running row: γ (or its override) where it drafts, capped by the room left in its
-        context (verification needs γᵢ + 1 positions) and, together, by the step's token budget."""
+                    overrides: Mapping[str, int] | None, prefill_waiting: bool
+                    ) -> tuple[list[int], dict[int, list[int] | None]]:
+        """Draft length of each running row: γ (or its override) where it drafts — draft.lookup_gamma where the
+        n-gram lookup covers the row —, capped by the room left in its context (verification needs γᵢ + 1
+        positions) and, together, by the step's token budget. Also returns the lookups it computed (slot ->
+        continuation or None), so the drafter does not compute them again."""
+        looked_up: dict[int, list[int] | None] = {}
         if self.drafter is None or not running:
-            return [0] * len(running)
+            return [0] * len(running), looked_up
         max_seq = self.engine.info.max_seq_len
+        lookup_gamma = self.drafter.lookup_gamma if self.drafter.lookup_ngram > 0 else 0
         out = []
         for s in running:
             rid = s.request.request_id
             g = gamma if drafting is None or rid in drafting else 0
             if overrides is not None and rid in overrides:
                 g = overrides[rid]
-            elif g > 0 and self.drafter.lookup_gamma > 0 and self.drafter.lookup_covers(s.tokens):
-                g = self.drafter.lookup_gamma
+            elif g > 0 and lookup_gamma > 0:
+                looked_up[s.slot] = lk = self.drafter.lookup(s.tokens, lookup_gamma)
+                if lk is not None:
+                    g = lookup_gamma
             out.append(max(0, min(g, max_seq - len(s.tokens))))
         limit = self.max_num_tokens
         if prefill_waiting:
@@ -230,9 +237,10 @@ class SpeculativeGenerator:
         limit = max(limit, len(running))
         while sum(out) + len(out) > limit:  # shorten the longest drafts first
             out[max(range(len(out)), key=lambda i: out[i])] -= 1
-        return out
+        return out, looked_up
 
-    def _propose(self, running: list[SequenceState], row_gammas: list[int]) -> _Proposal:
+    def _propose(self, running: list[SequenceState], row_gammas: list[int],
+                 looked_up: dict[int, list[int] | None]) -> _Proposal:
         drafting = [s for s, g in zip(running, row_gammas, strict=True) if g > 0]
         if not drafting:
             return _Proposal({}, None, [])
@@ -250,8 +258,13 @@ class SpeculativeGenerator:
             pend_t.append(s.tokens[lo + 1: hi + 1])
         sampling = self._draft_sampling(drafting)
         histories = [s.tokens for s in drafting] if drafter.lookup_ngram > 0 else None
-        proposal = drafter.propose([s.slot for s in drafting], pend_h, pend_t, gmax, sampling, histories,
-                                   [g for g in row_gammas if g > 0])
+        gammas = [g for g in row_gammas if g > 0]
+        lookups = None
+        if histories is not None and all(s.slot in looked_up for s in drafting):  # computed while sizing γᵢ
+            lookups = [None if (lk := looked_up[s.slot]) is None else lk[:g] for s, g in zip(drafting, gammas,
+                                                                                            strict=True)]
+        proposal = drafter.propose([s.slot for s in drafting], pend_h, pend_t, gmax, sampling, histories, gammas,
+                                   lookups=lookups)
         tokens = proposal.tokens.tolist()
         return _Proposal({s.slot: tokens[j] for j, s in enumerate(drafting)}, proposal.probs,
                          [s.slot for s in drafting])
@@ -259,10 +272,7 @@ class SpeculativeGenerator:
     def _commit_step(self, batch: StepBatch, out: StepOutput, running: list[SequenceState], row_gammas: list[int],
                      chunks: list[tuple[SequenceState, int]], proposal: _Proposal) -> list[StepEvent]:
         """Verify every row that has logits (decode/verification rows, completed prompts) in one call, then commit."""
-        token_lo = [0]
-        for row in batch.rows:
-            token_lo.append(token_lo[-1] + len(row.tokens))
-        logit_lo = batch.logit_offsets()
+        token_lo, logit_lo = batch.host_cu_seqlens, batch.host_logit_cu
         completed = [(r, s) for r, (s, n) in enumerate(chunks, start=len(running))
                      if s.num_computed + n == s.num_prompt]
         verify_rows = list(enumerate(running)) + completed

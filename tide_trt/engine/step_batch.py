@@ -55,6 +55,8 @@ class StepBatch:
     logit_index: torch.Tensor  # [M] int64 flat token indices whose logits are computed
     logit_cu: torch.Tensor  # [R + 1] int64 row r owns logits logit_cu[r]:logit_cu[r+1]
     rows: tuple[StepRow, ...]  # the host plan (bookkeeping only; compute reads the tensors)
+    host_cu_seqlens: tuple[int, ...]  # [R + 1] host copies of cu_seqlens / logit_cu (no device sync to read them)
+    host_logit_cu: tuple[int, ...]
 
     @classmethod
     def build(cls, rows: Sequence[StepRow], device: str | torch.device = "cpu") -> StepBatch:
@@ -86,7 +88,7 @@ class StepBatch:
             token_ids=t(token_ids), positions=t(positions), token_slots=t(token_slots), cu_seqlens=t(cu),
             slots=t(slots), starts=t([r.start for r in rows]), gammas=t([r.gamma for r in rows]),
             is_prompt=t([r.is_prompt for r in rows], torch.bool), logit_index=t(logit_index), logit_cu=t(lcu),
-            rows=tuple(rows),
+            rows=tuple(rows), host_cu_seqlens=tuple(cu), host_logit_cu=tuple(lcu),
         )
 
     @property
@@ -101,17 +103,9 @@ class StepBatch:
     def counts(self) -> list[int]:
         return [len(r.tokens) for r in self.rows]
 
-    def row_slice(self, r: int) -> slice:
-        """Flat token range of row r (host arithmetic, no device sync)."""
-        lo = sum(len(x.tokens) for x in self.rows[:r])
-        return slice(lo, lo + len(self.rows[r].tokens))
-
     def logit_offsets(self) -> list[int]:
         """Host copy of logit_cu."""
-        out = [0]
-        for r in self.rows:
-            out.append(out[-1] + r.logit_count)
-        return out
+        return list(self.host_logit_cu)
 
 
 @dataclass

@@ -247,13 +247,10 @@ def attention_groups(batch: StepBatch, cache: KVCache) -> list[AttentionGroup]:
     """Split a step's rows into attention groups (short rows, long rows), computed once per step."""
     short = [r for r, row in enumerate(batch.rows) if len(row.tokens) <= SMALL_ROW]
     long = [r for r, row in enumerate(batch.rows) if len(row.tokens) > SMALL_ROW]
-    offsets = [0]
-    for row in batch.rows:
-        offsets.append(offsets[-1] + len(row.tokens))
-    return [_group(batch, cache, rows, offsets) for rows in (short, long) if rows]
+    return [_group(batch, cache, rows, batch.host_cu_seqlens) for rows in (short, long) if rows]
 
 
-def _group(batch: StepBatch, cache: KVCache, rows: list[int], offsets: list[int]) -> AttentionGroup:
+def _group(batch: StepBatch, cache: KVCache, rows: list[int], offsets: tuple[int, ...]) -> AttentionGroup:
     dev = batch.token_ids.device
     plan = [batch.rows[r] for r in rows]
     counts = [len(p.tokens) for p in plan]

@@ -38,7 +38,7 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """Per-token attention against the token's whole slot. q [P, Hq, D]; k/v_cache [S, Hkv, L, D]; slots [P];
     mask [P, L] bool (key position <= the token's position). Returns [P, Hq, D]."""
     p, hq, d = q.shape
-    hkv, length = k_cache.shape[1], k_cache.shape[2]
+    hkv = k_cache.shape[1]
     g = hq // hkv
     out = []
     for i in range(0, p, tile):
@@ -49,7 +49,6 @@ def tiled_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scores = scores.masked_fill(~mask[i:i + tile, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(vt.dtype)
         out.append(torch.matmul(probs, vt).reshape(tile, hq, d))  # [T, Hq, D]
-    del length
     return torch.cat(out)
 
 
