@@ -127,6 +127,32 @@ class EngineConfig(_Section):
 
 
 @dataclass(frozen=True)
+class SuffixConfig(_Section):
+    """`draft.suffix`: drafting from what the target has said (draft/suffix.py). Values chosen by
+    benchmarks/bench_suffix.py (replay over the target's own answers) and bench_engine; see benchmarks/README.md."""
+
+    SECTION: ClassVar[str] = "draft.suffix"
+    enabled: bool = True
+    max_tokens: int = _num(6_000_000, ge=1024, lt=2**31)  # global index bound (~27 bytes/token); oldest evicted
+    orders: list[int] = field(default_factory=lambda: [8, 5, 3, 2])  # match lengths tried, longest first
+    request_orders: list[int] = field(default_factory=lambda: [8, 5, 3])  # same, within the row's own sequence
+    max_candidates: int = _num(32, ge=1, le=4096)  # earlier occurrences weighed per proposal (newest first)
+    # a proposal grows while this share of the matched occurrences still agrees with it (its path probability)
+    min_confidence: float = _num(0.2, ge=0.0, le=1.0)
+    # a row drafts from the index when its first token's confidence reaches this; otherwise the EAGLE-3 head drafts
+    prefer_confidence: float = _num(0.3, ge=0.0, le=1.0)
+    max_draft: int = _num(8, ge=1, le=32)  # longest index draft (γᵢ of a confident row; <= draft.gamma_max)
+    # token corpus indexed at start-up: "" (none), "shipped" (the package's corpus, if installed), or an .npz path
+    # with the `prompt_flat/prompt_off/greedy_*` layout of ../shared/data (docs/ARCHITECTURE.md, Suffix index)
+    preload: str = "shipped"
+
+    def _check(self) -> None:
+        for key, orders in (("orders", self.orders), ("request_orders", self.request_orders)):
+            if not orders or any(not 1 <= o <= 64 for o in orders):
+                raise ConfigError(f"draft.suffix.{key} must be a non-empty list of lengths in [1, 64], got {orders}")
+
+
+@dataclass(frozen=True)
 class DraftConfig(_Section):
     SECTION: ClassVar[str] = "draft"
     path: str = "default"  # "default" = shipped draft, "" or "none" = no draft
@@ -140,8 +166,12 @@ class DraftConfig(_Section):
     # > 0 (with lookup_ngram): a row whose history repeats drafts this many lookup tokens instead of γ (per-row draft
     # lengths: a loop continues for many tokens, the head's chain does not); 0: lookup rows draft γ like the others
     lookup_gamma: int = _num(0, ge=0)
+    suffix: SuffixConfig = field(default_factory=SuffixConfig)
 
     def _check(self) -> None:
+        if self.suffix.max_draft > self.gamma_max:
+            raise ConfigError(f"draft.suffix.max_draft must be <= draft.gamma_max={self.gamma_max}, "
+                              f"got {self.suffix.max_draft}")
         if self.lookup_gamma > self.gamma_max:
             raise ConfigError(f"draft.lookup_gamma must be <= draft.gamma_max={self.gamma_max}, "
                               f"got {self.lookup_gamma}")

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from tide_trt.config import TideConfig
+from tide_trt.config import DraftConfig, SuffixConfig, TideConfig
 from tide_trt.draft.checkpoint import load_draft
 from tide_trt.draft.drafter import ChainDrafter
+from tide_trt.draft.suffix import build_suffix_drafter
 from tide_trt.engine.base import TargetEngine
 from tide_trt.engine.generator import GenerationRequest, SequenceState, SpeculativeGenerator
 from tide_trt.errors import TideError
@@ -61,14 +62,23 @@ def build_engine(cfg: TideConfig) -> TargetEngine:
 
 
 def build_drafter(engine: TargetEngine, draft_path: str | Path, lookup_ngram: int = 0,
-                  lookup_gamma: int = 0) -> ChainDrafter:
-    """Load + validate a draft checkpoint for this engine and wrap it in a serving drafter (`lookup_ngram` > 0:
-    n-gram lookup proposals where the sequence repeats itself, see draft/lookup.py; `draft.lookup_ngram`, validated
-    by the config; `lookup_gamma` > 0: rows the lookup covers draft that many tokens)."""
+                  lookup_gamma: int = 0, suffix: SuffixConfig | None = None) -> ChainDrafter:
+    """Load + validate a draft checkpoint for this engine and wrap it in a serving drafter. `suffix`
+    (`draft.suffix`): the suffix index + head hybrid (draft/suffix.py; None or disabled: the head alone);
+    `lookup_ngram` > 0 (without the suffix index): n-gram lookup proposals where the sequence repeats itself
+    (draft/lookup.py), `lookup_gamma` > 0: rows the lookup covers draft that many tokens."""
     head, manifest = load_draft(draft_path, engine.info, engine.embedding_weight())
+    index = None
+    if suffix is not None:
+        index = build_suffix_drafter(suffix, engine.info.max_batch_size, engine.info.max_seq_len)
     return ChainDrafter.for_engine(head, engine.info, version=int(manifest.get("version", 0)),
                                    lookup_ngram=lookup_ngram, lookup_gamma=lookup_gamma,
-                                   cuda_graphs=engine.uses_cuda_graphs)
+                                   cuda_graphs=engine.uses_cuda_graphs, suffix=index)
+
+
+def build_drafter_from_config(engine: TargetEngine, draft_path: str | Path, cfg: DraftConfig) -> ChainDrafter:
+    """`build_drafter` with every drafting setting of `draft` (what `tide generate` and `tide serve` run)."""
+    return build_drafter(engine, draft_path, cfg.lookup_ngram, cfg.lookup_gamma, cfg.suffix)
 
 
 @runtime_checkable

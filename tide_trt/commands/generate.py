@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from tide_trt.engine.generator import SpeculativeGenerator
     from tide_trt.runtime import (
         TokenDecoder,
-        build_drafter,
+        build_drafter_from_config,
         build_engine,
         encode_prompt,
         make_request,
@@ -67,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
         read_draft_config(draft_path)  # fail fast on an unreadable draft before loading the target
     cfg = replace(cfg, engine=replace(cfg.engine, max_batch_size=1))
     engine = build_engine(cfg)
-    drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram,
-                                  cfg.draft.lookup_gamma) if draft_path else None
+    drafter = build_drafter_from_config(engine, draft_path, cfg.draft) if draft_path else None
     prompt_ids = encode_prompt(engine.tokenizer, args.prompt, chat=not args.raw)
     gen = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)
     req = make_request("cli", prompt_ids, args.max_tokens, sampling, engine.info.eos_token_ids)

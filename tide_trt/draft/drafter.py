@@ -18,6 +18,7 @@ import torch
 
 from tide_trt.draft.eagle3 import Eagle3Head
 from tide_trt.draft.lookup import lookup_continuation
+from tide_trt.draft.suffix import SuffixDrafter, SuffixProposal
 from tide_trt.engine.base import ModelInfo
 from tide_trt.engine.cuda_graphs import GraphCache
 from tide_trt.engine.kv_cache import KVCache
@@ -44,7 +45,11 @@ class DraftSampling:
 
 class ChainDrafter:
     def __init__(self, head: Eagle3Head, max_slots: int, max_seq_len: int, dtype: torch.dtype, device: str,
-                 version: int = 0, native_linears: bool = False, lookup_ngram: int = 0, lookup_gamma: int = 0):
+                 version: int = 0, native_linears: bool = False, lookup_ngram: int = 0, lookup_gamma: int = 0,
+                 suffix: SuffixDrafter | None = None):
+        # continuations of what the target has said (this request, then earlier ones): rows it is confident on
+        # draft from it at no draft cost; kept across refits (draft/suffix.py)
+        self.suffix = suffix
         self.lookup_ngram = lookup_ngram  # > 0: n-gram lookup proposals where the history repeats (draft/lookup.py)
         self.lookup_gamma = lookup_gamma  # > 0: draft length of rows the lookup covers (per-row γ)
         self.dtype = dtype  # activations (float32 with native linears, whose weights stay bfloat16)
@@ -63,12 +68,13 @@ class ChainDrafter:
 
     @classmethod
     def for_engine(cls, head: Eagle3Head, info: ModelInfo, version: int = 0, lookup_ngram: int = 0,
-                   lookup_gamma: int = 0, cuda_graphs: bool = False) -> ChainDrafter:
+                   lookup_gamma: int = 0, cuda_graphs: bool = False, suffix: SuffixDrafter | None = None
+                   ) -> ChainDrafter:
         """A drafter sized and typed for the engine described by `info` (slots, context, activation dtype,
         native linears); `cuda_graphs`: greedy chains replay CUDA graphs (CUDA only)."""
         drafter = cls(head, info.max_batch_size, info.max_seq_len, info.activation_dtype, info.device,
                       version=version, native_linears=info.native_linears, lookup_ngram=lookup_ngram,
-                      lookup_gamma=lookup_gamma)
+                      lookup_gamma=lookup_gamma, suffix=suffix)
         drafter.use_cuda_graphs(cuda_graphs)
         return drafter
 
@@ -105,6 +111,22 @@ class ChainDrafter:
             return None
         return lookup_continuation(np.asarray(history), self.lookup_ngram, gamma)
 
+    def index_draft(self, slot: int, tokens: list[int]) -> SuffixProposal | None:
+        """The suffix index's draft for this row when it is confident enough to skip the head (its first token's
+        confidence >= draft.suffix.prefer_confidence); None: the head drafts this row."""
+        if self.suffix is None:
+            return None
+        cfg = self.suffix.config
+        prop = self.suffix.propose(slot, tokens, cfg.max_draft)
+        if prop is None or prop.confidence[0] < cfg.prefer_confidence:
+            return None
+        return prop
+
+    def index_finished(self, tokens: list[int]) -> None:
+        """A finished request's prompt + output joins the global suffix index."""
+        if self.suffix is not None:
+            self.suffix.add_finished(tokens)
+
     def _serving_copy(self, head: Eagle3Head) -> Eagle3Head:
         embed = head.embed
         head.embed = None
@@ -133,6 +155,8 @@ class ChainDrafter:
     def reset_slot(self, slot: int) -> None:
         self.cached[slot] = 0
         self.origin[slot] = 0
+        if self.suffix is not None:
+            self.suffix.reset_slot(slot)
 
     def next_position(self, slot: int) -> int:
         """Target position of the first true entry not yet in this slot's draft cache."""
@@ -147,6 +171,8 @@ class ChainDrafter:
         self.cache.move(src, dst, self.cached[src])
         self.cached[dst], self.cached[src] = self.cached[src], 0
         self.origin[dst], self.origin[src] = self.origin[src], 0
+        if self.suffix is not None:
+            self.suffix.move_slot(src, dst)
 
     @torch.inference_mode()
     def propose(self, slots: list[int], pending_hidden: list[torch.Tensor], pending_tokens: list[list[int]],

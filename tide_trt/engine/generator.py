@@ -130,6 +130,12 @@ class SpeculativeGenerator:
                             f"max_batch_size={info.max_batch_size}: a step could not carry every running sequence")
         self.sequences: dict[str, SequenceState] = {}
         self.last_step_prompt_tokens = 0  # prompt tokens the last step prefilled (step timing excludes such steps)
+        # rows the last step drafted for: (by the EAGLE-3 head, by the suffix index alone — no draft cost)
+        self.last_step_draft_rows: tuple[int, int] = (0, 0)
+        self._index_slots: set[int] = set()  # slots the last proposal took from the suffix index
+        # per draft source ("head", "index"): rows drafted, draft tokens, accepted draft tokens (since start)
+        self.draft_source_stats = {src: {"rows": 0, "draft_tokens": 0, "accepted_tokens": 0}
+                                   for src in ("head", "index")}
         # capture-layer states of every cached target position, per slot (draft catch-up and refit re-feed)
         self.history = torch.zeros(info.max_batch_size, info.max_seq_len, len(info.capture_layers),
                                    info.hidden_size, dtype=torch.bfloat16 if info.dtype != "float32"
@@ -160,6 +166,8 @@ class SpeculativeGenerator:
         """Drop a sequence (finished or cancelled) and free its KV slot."""
         seq = self.sequences.pop(request_id, None)
         if seq is not None:
+            if self.drafter is not None:  # what the target said joins the global suffix index
+                self.drafter.index_finished(seq.tokens)
             self.engine.free_slot(seq.slot)
             self._compact(seq.slot)
         return seq
@@ -211,22 +219,29 @@ class SpeculativeGenerator:
     def _row_gammas(self, running: list[SequenceState], gamma: int, drafting: Collection[str] | None,
                     overrides: Mapping[str, int] | None, prefill_waiting: bool
                     ) -> tuple[list[int], dict[int, list[int] | None]]:
-        """Draft length of each running row: γ (or its override) where it drafts — draft.lookup_gamma where the
-        n-gram lookup covers the row —, capped by the room left in its context (verification needs γᵢ + 1
-        positions) and, together, by the step's token budget. Also returns the lookups it computed (slot ->
-        continuation or None), so the drafter does not compute them again."""
+        """Draft length of each running row: γ (or its override) where it drafts — the suffix index's own γᵢ where
+        it is confident (draft.suffix), else draft.lookup_gamma where the n-gram lookup covers the row —, capped by
+        the room left in its context (verification needs γᵢ + 1 positions) and, together, by the step's token
+        budget. Also returns the lookups / index drafts it computed (slot -> continuation or None), so the drafter
+        does not compute them again."""
         looked_up: dict[int, list[int] | None] = {}
         if self.drafter is None or not running:
             return [0] * len(running), looked_up
         max_seq = self.engine.info.max_seq_len
-        lookup_gamma = self.drafter.lookup_gamma if self.drafter.lookup_ngram > 0 else 0
+        drafter = self.drafter
+        lookup_gamma = drafter.lookup_gamma if drafter.lookup_ngram > 0 and drafter.suffix is None else 0
         out = []
         for s in running:
             rid = s.request.request_id
             g = gamma if drafting is None or rid in drafting else 0
             if overrides is not None and rid in overrides:
                 g = overrides[rid]
-            elif g > 0 and lookup_gamma > 0:
+            if g > 0 and drafter.suffix is not None:  # a confident index row drafts its own γᵢ at no draft cost
+                prop = drafter.index_draft(s.slot, s.tokens)
+                if prop is not None:
+                    looked_up[s.slot] = list(prop.tokens)
+                    g = len(prop)
+            elif g > 0 and lookup_gamma > 0 and (overrides is None or rid not in overrides):
                 looked_up[s.slot] = lk = self.drafter.lookup(s.tokens, lookup_gamma)
                 if lk is not None:
                     g = lookup_gamma
@@ -241,12 +256,51 @@ class SpeculativeGenerator:
 
     def _propose(self, running: list[SequenceState], row_gammas: list[int],
                  looked_up: dict[int, list[int] | None]) -> _Proposal:
-        drafting = [s for s, g in zip(running, row_gammas, strict=True) if g > 0]
-        if not drafting:
+        drafting = [(s, g) for s, g in zip(running, row_gammas, strict=True) if g > 0]
+        drafter = self.drafter
+        if drafter is None or drafter.suffix is None:
+            self.last_step_draft_rows = (len(drafting), 0)
+            self._index_slots = set()
+            return self._propose_head(drafting, looked_up)
+        # hybrid: index rows take their suffix-index draft and cost the head nothing — their draft cache falls
+        # behind and catches up (within the window) when the head drafts for them again; the head catches up and
+        # chains only for the other drafting rows
+        head_rows = [(s, g) for s, g in drafting if looked_up.get(s.slot) is None]
+        index_rows = [(s, g) for s, g in drafting if looked_up.get(s.slot) is not None]
+        self.last_step_draft_rows = (len(head_rows), len(index_rows))
+        self._index_slots = {s.slot for s, _ in index_rows}
+        head = self._propose_head(head_rows, {})
+        tokens = dict(head.tokens)
+        for s, g in index_rows:
+            tokens[s.slot] = list(looked_up[s.slot] or [])[:g]
+        order = [s.slot for s, _ in drafting]
+        if not index_rows or all(s.request.sampling.is_greedy for s, _ in drafting):
+            return _Proposal(tokens, head.probs if not index_rows else None, head.order if not index_rows else order)
+        gmax = max(g for _, g in drafting)
+        vocab = self.engine.info.vocab_size
+        probs = torch.zeros(len(order), gmax, vocab, device=self.engine.info.device)  # [D, γmax, V]
+        head_pos = {slot: j for j, slot in enumerate(head.order)}
+        for j, (s, _) in enumerate(drafting):
+            if s.slot in head_pos:
+                if head.probs is None:  # the head's rows are all greedy: their q is never read
+                    continue
+                hp = head.probs[head_pos[s.slot]]  # [γ_head, V]
+                probs[j, : hp.shape[0]] = hp
+            else:  # an index draft is deterministic: its distribution is one-hot
+                ids = torch.tensor(tokens[s.slot], dtype=torch.long, device=probs.device)  # [g]
+                probs[j, : len(ids)] = torch.nn.functional.one_hot(ids, vocab).to(probs.dtype)
+        return _Proposal(tokens, probs, order)
+
+    def _propose_head(self, drafting_rows: list[tuple[SequenceState, int]],
+                      looked_up: dict[int, list[int] | None]) -> _Proposal:
+        """The EAGLE-3 head's drafts (n-gram lookup rows filled in by the drafter) for rows with γᵢ > 0."""
+        if not drafting_rows:
             return _Proposal({}, None, [])
         drafter = self.drafter
         assert drafter is not None  # rows draft only with a drafter (_row_gammas)
-        gmax = max(row_gammas)
+        drafting = [s for s, _ in drafting_rows]
+        gammas = [g for _, g in drafting_rows]
+        gmax = max(gammas)
         pend_h, pend_t = [], []
         window = self.catch_up_window
         for s in drafting:
@@ -257,8 +311,7 @@ class SpeculativeGenerator:
             pend_h.append(self.history[s.slot, lo:hi])  # [m, C, H]
             pend_t.append(s.tokens[lo + 1: hi + 1])
         sampling = self._draft_sampling(drafting)
-        histories = [s.tokens for s in drafting] if drafter.lookup_ngram > 0 else None
-        gammas = [g for g in row_gammas if g > 0]
+        histories = [s.tokens for s in drafting] if drafter.lookup_ngram > 0 and drafter.suffix is None else None
         lookups = None
         if histories is not None and all(s.slot in looked_up for s in drafting):  # computed while sizing γᵢ
             lookups = [None if (lk := looked_up[s.slot]) is None else lk[:g] for s, g in zip(drafting, gammas,
@@ -268,7 +321,6 @@ class SpeculativeGenerator:
         tokens = proposal.tokens.tolist()
         return _Proposal({s.slot: tokens[j] for j, s in enumerate(drafting)}, proposal.probs,
                          [s.slot for s in drafting])
-
     def _commit_step(self, batch: StepBatch, out: StepOutput, running: list[SequenceState], row_gammas: list[int],
                      chunks: list[tuple[SequenceState, int]], proposal: _Proposal) -> list[StepEvent]:
         """Verify every row that has logits (decode/verification rows, completed prompts) in one call, then commit."""
@@ -317,6 +369,11 @@ class SpeculativeGenerator:
             s.steps += 1
             s.draft_tokens += row.gamma
             s.accepted_tokens += k
+            if row.gamma:
+                tally = self.draft_source_stats["index" if s.slot in self._index_slots else "head"]
+                tally["rows"] += 1
+                tally["draft_tokens"] += row.gamma
+                tally["accepted_tokens"] += k
             events.append(self._commit(s, new_ids[r], row.gamma, k))
         for r, (s, n) in enumerate(chunks, start=len(running)):
             row = batch.rows[r]

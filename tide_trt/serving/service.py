@@ -34,12 +34,11 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
     the adaptive controller over the profiled cost model (profile cached per model/device/dtype/threads).
     Plugins: the controller (adaptive mode) and online adaptation (signal capture, drift, refit) when enabled.
     """
-    from tide_trt.runtime import build_drafter, build_engine, resolve_draft_path
+    from tide_trt.runtime import build_drafter_from_config, build_engine, resolve_draft_path
 
     draft_path = resolve_draft_path(cfg.draft.path)
     engine = build_engine(cfg)
-    drafter = build_drafter(engine, draft_path, cfg.draft.lookup_ngram,
-                                  cfg.draft.lookup_gamma) if draft_path is not None else None
+    drafter = build_drafter_from_config(engine, draft_path, cfg.draft) if draft_path is not None else None
     generator = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)
     gamma = cfg.draft.gamma if drafter is not None else 0  # 1..gamma_max: validated by the config
     log.info(
