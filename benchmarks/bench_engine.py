@@ -1,10 +1,12 @@
-"""HF transformers generate vs our engine (plain) vs our engine + each static EAGLE-3 draft asked for.
+"""HF transformers generate vs our engine (plain) vs our engine + each static EAGLE-3 draft asked for, alone and
+with the suffix index (`<draft>+suffix`: draft.suffix defaults — what `tide generate` / `tide serve` run).
 
-Same prompts (ShareGPT eval-split first user turns — all, or the non-English ones — or HumanEval; chat template),
+Same prompts (ShareGPT eval-split first user turns — all, or the non-English ones —, HumanEval, or the everyday
+prompts of benchmarks/data/everyday_prompts.json; chat template),
 greedy, fixed new-token budget, one process, side by side. Throughput = output tokens / wall seconds of the
 generation loop (model loading excluded); τ = decode tokens per verification step.
 
-    tide bench bench_engine --prompts 32 --max-new-tokens 128 --batch-sizes 1 8 --drafts v3 default \
+    tide bench bench_engine --prompts 32 --max-new-tokens 128 --batch-sizes 1 8 --drafts default --skip-hf \
         --out runs/bench_engine.json
 """
 
@@ -16,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, write_json
+from benchmarks.common import everyday_prompts, machine, write_json
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +107,17 @@ def main(argv: list[str] | None = None) -> dict:
                    help="draft.lookup_ngram values to run each draft with (0: the EAGLE-3 head alone)")
     p.add_argument("--lookup-gammas", type=int, nargs="+", default=[0],
                    help="draft.lookup_gamma values for the lookup runs (0: lookup rows draft γ like the others)")
-    p.add_argument("--workload", choices=["sharegpt", "sharegpt-non-english", "humaneval"], default="sharegpt")
+    p.add_argument("--suffix", nargs="+", choices=["off", "on"], default=["off", "on"],
+                   help="run each draft without / with the suffix index (draft.suffix defaults, shipped corpus "
+                        "preloaded; rebuilt per batch size so no run sees another's answers to the same prompts)")
+    p.add_argument("--workload", choices=["sharegpt", "sharegpt-non-english", "humaneval", "everyday"],
+                   default="sharegpt")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from tide_trt.config import EngineConfig, ModelConfig
+    from tide_trt.config import EngineConfig, ModelConfig, SuffixConfig
+    from tide_trt.draft.suffix import build_suffix_drafter
     from tide_trt.engine.torch_engine import TorchTargetEngine
     from tide_trt.runtime import build_drafter, encode_prompt, resolve_draft_path
     from tide_trt.workloads import humaneval_prompts, sharegpt_prompts
@@ -127,8 +134,15 @@ def main(argv: list[str] | None = None) -> dict:
             for lg in (args.lookup_gammas if n > 0 else [0]):
                 label = name if n == 0 else f"{name}+lookup{n}" + (f"@γ{lg}" if lg else "")
                 drafters[label] = build_drafter(engine, resolve_draft_path(name), n, lg)
+        if "on" in args.suffix:
+            drafters[f"{name}+suffix"] = build_drafter(engine, resolve_draft_path(name), suffix=SuffixConfig())
+        if "off" not in args.suffix:
+            for n in args.lookup_ngrams:
+                drafters.pop(name if n == 0 else f"{name}+lookup{n}", None)
     if args.workload == "humaneval":
         texts = humaneval_prompts(args.prompts)
+    elif args.workload == "everyday":
+        texts = everyday_prompts()[: args.prompts]
     else:
         texts = sharegpt_prompts(args.prompts, seed=1234,
                                  language="non-english" if args.workload == "sharegpt-non-english" else "any")
@@ -155,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         hf_model = AutoModelForCausalLM.from_pretrained(str(engine.checkpoint_dir), dtype=torch.float32).eval()
     for bs in args.batch_sizes:
+        for d in drafters.values():  # a fresh global index per batch size: no answers to these prompts in it
+            if d.suffix is not None:
+                d.suffix = build_suffix_drafter(d.suffix.config, engine.info.max_batch_size, engine.info.max_seq_len)
         result["runs"][f"bs{bs}"] = run_batch_size(engine, drafters, hf_model, prompts, args.max_new_tokens, bs,
                                                    args.gamma)
     write_json(result, args.out)

@@ -7,7 +7,7 @@ accepted prefix + one target token advance the row. τ = answer tokens / steps. 
 
 - `request`: the row's own sequence only (today's lookup generalised to longest match + frequency);
 - `global`: the global index only;
-- `hybrid`: the row's own sequence first, else the global index (SuffixDrafter);
+- `hybrid`: both, the longer match first (SuffixDrafter, as served);
 each at a fixed γ and with γᵢ from confidence (`--confidence-gamma-max`). Also: µs per proposal and the global
 index's memory at the corpus size (~5M tokens with the sampled answers).
 
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sharegpt_selfdistill_smollm2.npz"
 
 
-def corpus_sequences(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+def prompt_answer_pairs(path: Path) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
     """(prompts, greedy answers, sampled answers as prompt+answer) in corpus order."""
     d = np.load(path)
     po, pf = d["prompt_off"], d["prompt_flat"]
@@ -75,7 +75,8 @@ def replay(drafter, prompt: np.ndarray, answer: np.ndarray, gamma: int, confiden
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from tide_trt.draft.suffix import SuffixDrafter, SuffixSettings
+    from tide_trt.config import SuffixConfig
+    from tide_trt.draft.suffix import SuffixDrafter
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
@@ -83,11 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--confidence-gamma-max", type=int, default=8)
     p.add_argument("--min-confidence", type=float, nargs="+", default=[0.0, 0.3])
+    p.add_argument("--max-tokens", type=int, default=SuffixConfig.max_tokens, help="draft.suffix.max_tokens")
     p.add_argument("--with-sampled", action="store_true", help="also index the sampled answers (memory at ~5M)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    prompts, greedy, sampled = corpus_sequences(args.corpus)
+    prompts, greedy, sampled = prompt_answer_pairs(args.corpus)
     train = [np.concatenate([pr, an]) for pr, an in zip(prompts[:-args.eval], greedy[:-args.eval], strict=True)]
     if args.with_sampled:
         train += sampled
@@ -96,8 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"machine": machine(), "corpus": str(args.corpus), "eval_answers": len(evals),
                     "eval_positions": eval_tokens, "runs": []}
     for min_conf in args.min_confidence:
-        settings = SuffixSettings(min_confidence=min_conf)
-        drafter = SuffixDrafter(settings, max_slots=1, max_seq_len=4096)
+        drafter = SuffixDrafter(SuffixConfig(min_confidence=min_conf, max_tokens=args.max_tokens), max_slots=1,
+                                max_seq_len=4096)
         t0 = time.perf_counter()
         indexed = drafter.preload(train)
         build_s = time.perf_counter() - t0

@@ -36,6 +36,14 @@ def machine() -> dict:
     }
 
 
+EVERYDAY_PROMPTS = Path(__file__).parent / "data" / "everyday_prompts.json"
+
+
+def everyday_prompts() -> list[str]:
+    """Prompts a new user would try (benchmarks/data/everyday_prompts.json; not from ShareGPT or HumanEval)."""
+    return list(json.loads(EVERYDAY_PROMPTS.read_text())["prompts"])
+
+
 def write_json(result: dict, out: str | None) -> None:
     text = json.dumps(result, indent=2)
     if out:

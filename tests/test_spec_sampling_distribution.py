@@ -41,8 +41,10 @@ import torch
 from scipy import stats
 
 from tests.conftest import make_engine
+from tide_trt.config import SuffixConfig
 from tide_trt.draft.drafter import ChainDrafter, DraftProposal, DraftSampling
 from tide_trt.draft.eagle3 import Eagle3Head
+from tide_trt.draft.suffix import SuffixDrafter
 from tide_trt.engine.base import TargetEngine
 from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 from tide_trt.models.loader import load_checkpoint
@@ -76,12 +78,14 @@ class Run:
     draft: str
     gamma: int
     configs: tuple[Config, Config]
+    index: bool = False  # hybrid: a suffix index drafts (one-hot q) for half of the t1 values, the head for the rest
 
 
 RUNS = {
     "aligned_g1": Run("aligned", 1, (Config(1.0), Config(0.7, top_p=0.8))),
     "low_mass_g2": Run("low_mass", 2, (Config(1.0, top_k=3), Config(0.8, top_p=0.7, top_k=5))),
     "flat_g3": Run("flat", 3, (Config(1.3, top_k=4), Config(0.6, top_p=0.9))),
+    "hybrid_g2": Run("flat", 2, (Config(1.0), Config(0.8, top_k=5)), index=True),
 }
 
 
@@ -197,14 +201,30 @@ class Trials:
     accepted: dict[Config, np.ndarray]  # per configuration: steps by number of accepted drafts [gamma + 1]
     full: dict[Config, int]  # per configuration: steps that accepted all their drafts
     first_q: dict[Config, list[tuple[int, np.ndarray]]]  # per configuration: (t1, q(. | PROMPT, t1) [V])
+    by_source: dict[str, dict[str, int]]  # "head" / "index": rows, draft tokens, accepted draft tokens
+
+
+def index_of_likeliest_continuations(target_logits: list[np.ndarray], gamma: int) -> SuffixDrafter:
+    """A fixed suffix index (finished requests do not join it) holding, for each even t1, the target's likeliest
+    γ tokens after (PROMPT, t1): rows with an even t1 draft them from the index (deterministic, one-hot q), rows
+    with an odd t1 from the head — in the same batches."""
+    cfg = SuffixConfig(orders=[2], request_orders=[8], min_confidence=0.0, prefer_confidence=0.0, max_draft=gamma,
+                       preload="")
+    index = SuffixDrafter(cfg, BATCH, MAX_SEQ_LEN)
+    for t1 in range(0, V, 2):
+        a = int(np.argmax(target_logits[1][t1]))
+        tokens = [PROMPT[-1], t1, a, int(np.argmax(target_logits[2][t1][a]))][: 2 + gamma]
+        index.add_finished(tokens)
+    index.add_finished = lambda tokens: None  # type: ignore[method-assign]  # fixed for the whole run
+    return index
 
 
 def run_trials(engine: TargetEngine, head: Eagle3Head, gamma: int, configs: tuple[Config, ...],
-               n_per_config: int, seed: int, misreport: bool = False) -> Trials:
+               n_per_config: int, seed: int, misreport: bool = False, index: SuffixDrafter | None = None) -> Trials:
     """n_per_config requests per configuration (rows alternate configurations), each with its own seed."""
     info = engine.info
     drafter = RecordingDrafter(head, info.max_batch_size, info.max_seq_len, torch.float32, "cpu",
-                               misreport=misreport)
+                               misreport=misreport, suffix=index)
     gen = SpeculativeGenerator(engine, drafter)
     total = n_per_config * len(configs)
     outputs: dict[Config, list[list[int]]] = {c: [] for c in configs}
@@ -234,7 +254,7 @@ def run_trials(engine: TargetEngine, head: Eagle3Head, gamma: int, configs: tupl
             assert seq is not None and seq.finish_reason == "length"
             outputs[cfg_of[rid]].append(seq.output_ids)
     assert engine.num_free_slots == info.max_batch_size
-    return Trials({c: np.array(v) for c, v in outputs.items()}, accepted, full, first_q)
+    return Trials({c: np.array(v) for c, v in outputs.items()}, accepted, full, first_q, gen.draft_source_stats)
 
 
 @dataclass
@@ -277,7 +297,8 @@ def t2_mass(target_logits: list[np.ndarray]) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def run_results(engine: TargetEngine, t2_mass: np.ndarray) -> Callable[[str], Trials]:
+def run_results(engine: TargetEngine, t2_mass: np.ndarray, target_logits: list[np.ndarray]
+                ) -> Callable[[str], Trials]:
     """Trials of each run, computed once (the temperature negative control reuses a positive run's)."""
     cache: dict[str, Trials] = {}
 
@@ -286,7 +307,8 @@ def run_results(engine: TargetEngine, t2_mass: np.ndarray) -> Callable[[str], Tr
             run = RUNS[name]
             head = make_draft(engine, run.draft, t2_mass)
             seed = 100_000 * (1 + list(RUNS).index(name))
-            cache[name] = run_trials(engine, head, run.gamma, run.configs, N_TRIALS, seed)
+            index = index_of_likeliest_continuations(target_logits, run.gamma) if run.index else None
+            cache[name] = run_trials(engine, head, run.gamma, run.configs, N_TRIALS, seed, index=index)
         return cache[name]
 
     return get
@@ -309,7 +331,13 @@ def test_speculative_sampling_matches_target_distribution(run_results: Callable[
             assert res.power >= MIN_POWER, (cfg, what, res)
             assert res.impossible == 0, f"{cfg}: {res.impossible} trials produced tokens the target never emits"
             assert res.p_value >= ALPHA, f"{run_name} {cfg} {what}: speculation is not the target law: {res}"
-        _assert_adversarial(run.draft, cfg, trials.first_q[cfg], target_logits)
+        if not run.index:
+            _assert_adversarial(run.draft, cfg, trials.first_q[cfg], target_logits)
+    if run.index:  # both kinds of rows, and the index's drafts mostly accepted (so they reach the chi-square)
+        idx, head = trials.by_source["index"], trials.by_source["head"]
+        print(f"{run_name}: by source {trials.by_source}")
+        assert idx["rows"] > N_TRIALS // 2 and head["rows"] > N_TRIALS // 2, trials.by_source
+        assert idx["accepted_tokens"] > 0.4 * idx["draft_tokens"], idx
     # every verification outcome happened: all drafts rejected, some accepted, all γ accepted (then the bonus)
     hist = sum(trials.accepted.values())  # [gamma + 1] steps by accepted drafts
     full = sum(trials.full.values())

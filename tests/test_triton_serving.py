@@ -95,7 +95,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("tide_triton")
     doc = config_to_dict(load_config(CONFIG))
     doc["serving"]["max_queue"] = 16
-    doc["draft"].update(gamma=GAMMA, lookup_ngram=0)  # proposals come from the head alone
+    doc["draft"].update(gamma=GAMMA, lookup_ngram=0)
+    # the suffix index on 8-token matches only and empty at start: new prompts draft from the head, prompts served
+    # before draft from the global index (finished requests join it) — test_prometheus_metrics watches both
+    doc["draft"]["suffix"].update(enabled=True, preload="", orders=[8], request_orders=[8])
     ref = Reference(config_from_dict(doc))
     oracle = build_oracle_draft(ref.engine, [ref.prompt_ids(p) for p in PROMPTS], ORACLE_MAX_NEW, tmp / "draft",
                                 gamma=GAMMA, version=3, prompt_context=16)
@@ -233,8 +236,10 @@ def test_cancelled_streams_free_their_slots(stack: Stack) -> None:
     url = stack.server.urls.grpc
     before = metrics(stack)["tide_requests_cancelled_total"]
     client, events = _stream_client(url)
-    for i in range(4):  # fill every KV slot with long generations
-        client.async_stream_infer("tide", build_inputs(PROMPTS[i], 250, stream=True), request_id=f"long{i}")
+    for i, topic in enumerate(("rivers", "bridges", "clocks", "maps")):  # fill every KV slot with long generations
+        # (prompts not served before: the global suffix index would draft a served answer fast enough to end it)
+        client.async_stream_infer("tide", build_inputs(f"Write a long essay about the history of {topic}.", 250,
+                                                       stream=True), request_id=f"long{i}")
     got = set()
     while len(got) < 4:  # all four are running
         result, error = events.get(timeout=120)
@@ -343,6 +348,23 @@ def test_prometheus_metrics(stack: Stack) -> None:
     assert m["tide_draft_tokens_total"] > 0 and m["tide_accepted_draft_tokens_total"] > 0
     assert served_tau(before, m) > 1.5  # the request above, from the Prometheus counters
     assert m["tide_mean_accepted_len"] > 1.0 and m["tide_accepted_per_drafted"] > 0.0  # accepted drafts in the window
+    assert m["tide_draft_rows_head_total"] > 0 and m["tide_accepted_draft_tokens_head_total"] > 0
+    assert m["tide_suffix_index_sequences"] >= 1 and m["tide_suffix_index_tokens"] > 0
+
+
+def test_a_repeated_prompt_drafts_from_the_global_suffix_index(stack: Stack) -> None:
+    """A prompt served before: its answer is in the global index (finished requests join it), so the index
+    drafts for it (long, accepted drafts); the text stays the engine's own."""
+    url = stack.server.urls.grpc
+    assert generate(url, PROMPTS[3], 24).text == stack.ref.text(PROMPTS[3], 24)
+    before = settled_metrics(stack, lambda m: m["tide_active_sequences"] == 0)
+    assert generate(url, PROMPTS[3], 24).text == stack.ref.text(PROMPTS[3], 24)
+    m = settled_metrics(stack, lambda m: m["tide_requests_completed_total"] > before["tide_requests_completed_total"])
+    index_rows = m["tide_draft_rows_index_total"] - before["tide_draft_rows_index_total"]
+    accepted = m["tide_accepted_draft_tokens_index_total"] - before["tide_accepted_draft_tokens_index_total"]
+    assert index_rows > 0 and accepted >= 0.8 * (m["tide_draft_tokens_index_total"]
+                                                 - before["tide_draft_tokens_index_total"]), m
+    assert served_tau(before, m) > 3.0 and 0 < m["tide_draft_rows_index_share"] < 1
 
 
 def test_client_reports_unreachable_server() -> None:

@@ -159,9 +159,9 @@ class DraftConfig(_Section):
     gamma: int = _num(3, ge=1)  # static γ (1..gamma_max)
     gamma_max: int = _num(8, ge=1, le=32)  # the largest γ anything may use (controller, profile, CLI)
     catch_up_window: int = _num(64, ge=0)  # the draft catches up on at most this many positions per sequence (0: all)
-    # > 0: where the last N tokens occurred earlier in the sequence, propose what followed them (n-gram lookup)
-    # instead of the head's chain; 0: the EAGLE-3 head alone. Off by default: served acceptance then mixes lookup
-    # and head, so pair it with trainer.gate_baseline "parent" (docs/ARCHITECTURE.md, Draft)
+    # > 0 (only with draft.suffix.enabled false, which supersedes it): where the last N tokens occurred earlier in
+    # the sequence, propose what followed them (n-gram lookup) instead of the head's chain; 0: the head alone
+    # (docs/ARCHITECTURE.md, Draft)
     lookup_ngram: int = _num(0, ge=0)
     # > 0 (with lookup_ngram): a row whose history repeats drafts this many lookup tokens instead of γ (per-row draft
     # lengths: a loop continues for many tokens, the head's chain does not); 0: lookup rows draft γ like the others

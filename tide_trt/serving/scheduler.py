@@ -160,7 +160,26 @@ class Scheduler:
         self.stats.set("tide_free_slots", self.generator.engine.num_free_slots)
         drafter = self.generator.drafter
         self.stats.set("tide_draft_version", drafter.version if drafter is not None else -1)
+        self._draft_source_metrics()
         return self.stats.snapshot(self._plugin_metrics)
+
+    def _draft_source_metrics(self) -> None:
+        """Rows / tokens drafted and accepted by the suffix index vs the EAGLE-3 head (draft/suffix.py)."""
+        by_source = self.generator.draft_source_stats
+        for src, tally in by_source.items():
+            self.stats.set_total(f"tide_draft_rows_{src}_total", tally["rows"])
+            self.stats.set_total(f"tide_draft_tokens_{src}_total", tally["draft_tokens"])
+            self.stats.set_total(f"tide_accepted_draft_tokens_{src}_total", tally["accepted_tokens"])
+            drafted = tally["draft_tokens"]
+            self.stats.set(f"tide_accepted_per_drafted_{src}", tally["accepted_tokens"] / drafted if drafted else 0.0)
+        rows = sum(t["rows"] for t in by_source.values())
+        self.stats.set("tide_draft_rows_index_share", by_source["index"]["rows"] / rows if rows else 0.0)
+        drafter = self.generator.drafter
+        suffix = drafter.suffix if drafter is not None else None
+        if suffix is not None:
+            stats = suffix.stats()
+            self.stats.set("tide_suffix_index_tokens", stats["global_tokens"])
+            self.stats.set("tide_suffix_index_sequences", stats["global_sequences"])
 
     # ---- the loop -------------------------------------------------------------------------------
     def _run(self) -> None:

@@ -39,6 +39,17 @@ DESCRIPTIONS: dict[str, str] = {
     "tide_max_slots": "KV-cache slots (engine.max_batch_size)",
     "tide_step_seconds": "Duration of the last engine step",
     "tide_step_batch_size": "Sequences in the last engine step",
+    "tide_draft_rows_index_total": "Verification rows drafted by the suffix index (no draft-model cost)",
+    "tide_draft_rows_head_total": "Verification rows drafted by the EAGLE-3 head",
+    "tide_draft_tokens_index_total": "Draft tokens proposed by the suffix index",
+    "tide_draft_tokens_head_total": "Draft tokens proposed by the EAGLE-3 head",
+    "tide_accepted_draft_tokens_index_total": "Suffix-index draft tokens accepted by verification",
+    "tide_accepted_draft_tokens_head_total": "EAGLE-3 head draft tokens accepted by verification",
+    "tide_draft_rows_index_share": "Share of drafting rows the suffix index drafted (since start)",
+    "tide_accepted_per_drafted_index": "Accepted / draft tokens of suffix-index rows (since start)",
+    "tide_accepted_per_drafted_head": "Accepted / draft tokens of EAGLE-3 head rows (since start)",
+    "tide_suffix_index_tokens": "Tokens held by the global suffix index (bounded by draft.suffix.max_tokens)",
+    "tide_suffix_index_sequences": "Sequences added to the global suffix index (preload + finished requests)",
 }
 
 
@@ -73,6 +84,11 @@ class ServingStats:
     def add_time(self, name: str, seconds: float) -> None:
         with self._lock:
             self._counters[name] += seconds
+
+    def set_total(self, name: str, value: float) -> None:
+        """A counter kept elsewhere (monotonic), published as its current total."""
+        with self._lock:
+            self._counters[name] = value
 
     def set(self, name: str, value: float) -> None:
         with self._lock:
