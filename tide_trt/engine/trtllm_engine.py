@@ -372,7 +372,8 @@ class TrtllmTargetEngine(TargetEngine):
     ):
         trt = None
         if runtime is None:
-            trt, _ = require_trtllm()
+            trt, trtllm = require_trtllm()
+            check_supported_versions(str(trtllm.__version__), str(trt.__version__))  # 1.2.1's engine inputs
             _require_cuda_device(cfg)
         arch = ckpt.arch
         capture = tuple(cfg.capture_layers) if cfg.capture_layers else default_capture_layers(arch.num_layers)
