@@ -137,7 +137,7 @@ def test_version_gate_accepts_the_pinned_release_and_refuses_others(vt, tmp_path
 
 
 def test_the_trtllm_extra_pins_what_the_gate_accepts():
-    import tomllib
+    tomllib = pytest.importorskip("tomllib")  # python >= 3.11
 
     from tide_trt.engine.trtllm_engine import SUPPORTED_TENSORRT, SUPPORTED_TRTLLM
 
