@@ -30,6 +30,7 @@ from tide_trt.engine.base import default_capture_layers  # noqa: E402
 from tide_trt.engine.trtllm_engine import (  # noqa: E402
     DEFAULT_TOKENS_PER_BLOCK,
     MANIFEST,
+    check_supported_versions,
     engine_dir_for,
     make_manifest,
     require_trtllm,
@@ -147,46 +148,55 @@ def resolve_plan(args: argparse.Namespace, num_layers: int | None, fingerprint: 
     }
 
 
-def _set(obj: Any, name: str, value: Any) -> bool:
-    if hasattr(obj, name):
-        setattr(obj, name, value)
-        return True
-    return False
+def build_settings(plan: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(PluginConfig fields, BuildConfig fields) of the target engine, as TensorRT-LLM 1.2.1 names them (pure).
+
+    In 1.2 both are pydantic models: the fields are constructor keywords, validated when the object is built (a
+    misspelt or out-of-range field fails there, not silently later). The KV cache kind is BuildConfig's
+    `kv_cache_type` (the `tensorrt_llm.llmapi.kv_cache_type.KVCacheType` enum; "paged" here), not the plugin
+    config's older, overlapping `paged_kv_cache` switch. Everything the backend depends on is fixed here.
+    """
+    plugin = {
+        "gpt_attention_plugin": plan["dtype"],
+        "remove_input_padding": True,  # packed [num_tokens, ...] input (trtllm_layout.pack_batch)
+        "context_fmha": True,
+        "use_paged_context_fmha": True,  # multi-token appends over a cache: verification blocks
+        "tokens_per_block": plan["tokens_per_block"],
+        "reduce_fusion": False,  # the capture needs the residual stream as a plain tensor (tp = 1)
+    }
+    build = {
+        "max_batch_size": plan["max_batch_size"],
+        "max_input_len": plan["max_input_len"],
+        "max_seq_len": plan["max_seq_len"],
+        "max_num_tokens": plan["max_num_tokens"],
+        "max_beam_width": 1,
+        "gather_context_logits": True,  # one logits row per token: verification reads all gamma+1 rows
+        "strongly_typed": True,
+        "kv_cache_type": "paged",
+    }
+    return plugin, build
 
 
 def build(plan: dict[str, Any], ckpt: Any) -> Path:
-    """The TensorRT-LLM calls (thin; needs an NVIDIA GPU). Returns the engine directory."""
+    """The TensorRT-LLM calls (thin; needs an NVIDIA GPU and TensorRT-LLM 1.2.1). Returns the engine directory."""
+    from tensorrt_llm import BuildConfig  # noqa: PLC0415
     from tensorrt_llm import build as trtllm_build  # noqa: PLC0415
-    from tensorrt_llm.builder import BuildConfig  # noqa: PLC0415
+    from tensorrt_llm.llmapi.kv_cache_type import KVCacheType  # noqa: PLC0415
     from tensorrt_llm.models import LLaMAForCausalLM  # noqa: PLC0415
+    from tensorrt_llm.plugin import PluginConfig  # noqa: PLC0415
 
-    model = LLaMAForCausalLM.from_hugging_face(str(ckpt.path), dtype=plan["dtype"])
-    bc = BuildConfig(
-        max_batch_size=plan["max_batch_size"],
-        max_input_len=plan["max_input_len"],
-        max_seq_len=plan["max_seq_len"],
-        max_num_tokens=plan["max_num_tokens"],
-        gather_context_logits=True,
-    )
-    pc = bc.plugin_config
-    required = {
-        "gpt_attention_plugin": plan["dtype"],
-        "remove_input_padding": True,
-        "context_fmha": True,
-        "use_paged_context_fmha": True,
-        "tokens_per_block": plan["tokens_per_block"],
-    }
-    missing = [k for k, v in required.items() if not _set(pc, k, v)]
-    if missing:
-        raise TideError(
-            f"this TensorRT-LLM's PluginConfig lacks {missing}; see docs/TRTLLM.md for the pinned versions "
-            "(pip install '.[trtllm]')"
+    plugin_fields, build_fields = build_settings(plan)
+    try:
+        bc = BuildConfig(
+            **{**build_fields, "kv_cache_type": KVCacheType(build_fields["kv_cache_type"])},
+            plugin_config=PluginConfig(**plugin_fields),
         )
-    _set(pc, "reduce_fusion", False)
-    if not _set(pc, "paged_kv_cache", True):  # newer releases: BuildConfig.kv_cache_type
-        from tensorrt_llm.bindings import KVCacheType  # noqa: PLC0415
-
-        bc.kv_cache_type = KVCacheType.PAGED
+    except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        raise TideError(
+            f"TensorRT-LLM rejected the engine's build settings ({exc}); builders/ follow TensorRT-LLM 1.2.1 "
+            "(pip install '.[trtllm]', docs/TRTLLM.md)"
+        ) from exc
+    model = LLaMAForCausalLM.from_hugging_face(str(ckpt.path), dtype=plan["dtype"])
     network_py = importlib.util.spec_from_file_location("tide_capture_network", PLUGIN_DIR / "network.py")
     capture = importlib.util.module_from_spec(network_py)
     sys.modules["tide_capture_network"] = capture  # dataclasses resolve annotations through sys.modules
@@ -237,9 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.dry_run:
-            print(json.dumps(resolve_plan(args, _config_layers(args.model, args.cache_dir)), indent=2))
+            plan = resolve_plan(args, _config_layers(args.model, args.cache_dir))
+            plugin_fields, build_fields = build_settings(plan)
+            print(json.dumps({**plan, "plugin_config": plugin_fields, "build_config": build_fields}, indent=2))
             return 0
-        require_trtllm()
+        trt, trtllm = require_trtllm()
+        check_supported_versions(str(trtllm.__version__), str(trt.__version__))  # builds with 1.2.1's APIs
         from tide_trt.models.loader import load_checkpoint  # noqa: PLC0415
 
         ckpt = load_checkpoint(args.model, args.cache_dir)

@@ -4,7 +4,8 @@
     python builders/validate_trtllm.py --work-dir /tmp/v --dtype float32 --skip triton
 
 One command, in order (a failed step marks the steps that need it "skip"; the report is written either way):
-  environment     tensorrt / tensorrt_llm importable, their versions against the pinned ones, a CUDA device
+  environment     tensorrt / tensorrt_llm importable, a CUDA device, and exactly the versions this layer was
+                  written for (TensorRT-LLM 1.2.1, TensorRT 10.14): any other release is refused, exit code 2
   plugin          the TideHiddenCapture library (built with CMake if --plugin-lib is missing)
   target_build    builders/build_target_engine.py with the capture plugin
   target_vs_torch TrtllmTargetEngine vs TorchTargetEngine on the same prompts: logits and captured states over a
@@ -16,7 +17,8 @@ One command, in order (a failed step marks the steps that need it "skip"; the re
                   same engine, token for token (a divergence is allowed only at a plain-decoding near-tie)
   triton          `tide serve` with engine.backend trtllm; served greedy text vs the in-process decode
 Prints a table and writes <work-dir>/validate_trtllm.json. Exit code 0 = every check passed, 1 = a check failed,
-2 = the machine cannot run the checks (no GPU / TensorRT-LLM).
+2 = the machine cannot run the checks (no GPU / TensorRT-LLM, or a TensorRT-LLM / TensorRT release other than the
+ones above).
 """
 
 from __future__ import annotations
@@ -43,12 +45,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tide_trt.engine.trtllm_engine import (  # noqa: E402
+    SUPPORTED_TENSORRT,
+    SUPPORTED_TRTLLM,
+    check_supported_versions,
+)
+from tide_trt.errors import TideError  # noqa: E402
+
 log = logging.getLogger("validate_trtllm")
 
 REPORT = "validate_trtllm.json"
 REPORT_FORMAT = "tide-validate-trtllm-v1"
-# What this layer was written and reviewed against; docs/TRTLLM.md and pyproject's [trtllm] extra say the same.
-PINNED = {"tensorrt_llm": "0.21.0", "tensorrt": "10.11"}
+# What this layer was written and reviewed against; docs/TRTLLM.md and pyproject's [trtllm] extra say the same. Any
+# other version is refused by the environment check (tide_trt.engine.trtllm_engine.check_supported_versions).
+PINNED = {"tensorrt_llm": SUPPORTED_TRTLLM, "tensorrt": SUPPORTED_TENSORRT}
 CHECKS = (
     "environment", "plugin", "target_build", "target_vs_torch", "draft_build", "draft_refit", "spec_vs_plain",
     "triton",
@@ -147,14 +157,30 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def version_matches(found: str, pinned: str) -> bool:
-    return found == pinned or found.startswith(pinned + ".")
+@dataclass(frozen=True)
+class InstalledStack:
+    """What the environment check reads from the machine: the installed TensorRT-LLM and TensorRT versions."""
+
+    tensorrt_llm: str
+    tensorrt: str
+
+
+def probe_installed() -> InstalledStack:
+    """The real probe: imports tensorrt + tensorrt_llm and checks for a CUDA device (TideError otherwise)."""
+    from tide_trt.engine.trtllm_engine import require_trtllm  # noqa: PLC0415
+
+    trt, trtllm = require_trtllm()
+    return InstalledStack(tensorrt_llm=str(trtllm.__version__), tensorrt=str(trt.__version__))
 
 
 # --- checks (need a GPU; not run in CI) -------------------------------------------------------------------
 class Validation:
-    def __init__(self, args: argparse.Namespace):
+    """The checks. `probe` is the seam to the installed stack: `probe_installed` on a GPU machine; anything that
+    returns an `InstalledStack` elsewhere (the CPU tests hand it version strings)."""
+
+    def __init__(self, args: argparse.Namespace, probe: Callable[[], InstalledStack] = probe_installed):
         self.args = args
+        self.probe = probe
         self.work = Path(args.work_dir)
         self.engine_dir = self.work / "target_engine"
         self.draft_dir = self.work / "draft_engine"
@@ -164,14 +190,10 @@ class Validation:
 
     # each returns metrics; raises CheckFailed (fail) or anything else (error)
     def environment(self) -> dict[str, Any]:
-        from tide_trt.engine.trtllm_engine import require_trtllm  # noqa: PLC0415
-
-        trt, trtllm = require_trtllm()  # TideError with the reason on a machine without them
-        found = {"tensorrt": trt.__version__, "tensorrt_llm": trtllm.__version__}
-        untested = {k: v for k, v in found.items() if not version_matches(v, PINNED[k])}
-        if untested:
-            log.warning("untested versions %s (pinned %s): results are still recorded", untested, PINNED)
-        return {**found, "untested": sorted(untested)}
+        stack = self.probe()  # TideError with the reason on a machine without TensorRT-LLM or a GPU
+        # a release this layer was not written for is refused here: every later check would exercise other APIs
+        check_supported_versions(stack.tensorrt_llm, stack.tensorrt)
+        return {"tensorrt_llm": stack.tensorrt_llm, "tensorrt": stack.tensorrt}
 
     def plugin(self) -> dict[str, Any]:
         if not self.plugin_lib.is_file():
@@ -464,6 +486,8 @@ def run_checks(args: argparse.Namespace, validation: Any | None = None) -> list[
             c.status = "pass"
         except CheckFailed as exc:
             c.status, c.detail = "fail", str(exc)
+        except TideError as exc:  # a clear, expected refusal (no GPU, unsupported version): no traceback
+            c.status, c.detail = "error", f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # noqa: BLE001 - every check reports, none stops the run
             log.exception("check %s raised", name)
             c.status, c.detail = "error", f"{type(exc).__name__}: {exc}"
@@ -500,10 +524,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, probe: Callable[[], InstalledStack] = probe_installed) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    checks = run_checks(args)
+    checks = run_checks(args, Validation(args, probe))
     report = Path(args.report) if args.report else Path(args.work_dir) / REPORT
     doc = write_report(report, checks, args, environment())
     sys.stdout.write(format_table(checks) + f"\n\nresult: {doc['result']}  report: {report}\n")

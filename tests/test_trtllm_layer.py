@@ -9,6 +9,7 @@ seam (tests/trtllm_runtime.py stands in for TensorRT only); numerics against the
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -347,6 +348,16 @@ def test_target_builder_help_dry_run_and_missing_trtllm(tiny_model_dir, capsys):
     assert bte.main(["--dry-run", "--model", str(tiny_model_dir), "--max-batch-size", "4"]) == 0
     plan = capsys.readouterr().out
     assert '"capture_layers": [\n    2,\n    3,\n    3\n  ]' in plan and '"max_batch_size": 4' in plan
+    # what goes to TensorRT-LLM 1.2.1's PluginConfig(...) / BuildConfig(...): the options the backend depends on
+    shown = json.loads(plan)
+    assert shown["plugin_config"] == {
+        "gpt_attention_plugin": "bfloat16", "remove_input_padding": True, "context_fmha": True,
+        "use_paged_context_fmha": True, "tokens_per_block": 32, "reduce_fusion": False,
+    }
+    assert shown["build_config"] == {
+        "max_batch_size": 4, "max_input_len": 1024, "max_seq_len": 1024, "max_num_tokens": 512, "max_beam_width": 1,
+        "gather_context_logits": True, "strongly_typed": True, "kv_cache_type": "paged",
+    }
     if not _has("tensorrt_llm"):
         assert bte.main(["--model", str(tiny_model_dir)]) == 2
         assert "needs TensorRT-LLM on an NVIDIA GPU" in capsys.readouterr().err

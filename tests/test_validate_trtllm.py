@@ -94,4 +94,53 @@ def test_serve_config_is_a_valid_trtllm_config(vt):
     cfg = config_from_dict(vt.serve_config(vt.parse_args(["--dtype", "float32"])))
     assert (cfg.engine.backend, cfg.engine.device, cfg.engine.dtype) == ("trtllm", "cuda", "float32")
     assert cfg.controller.mode == "static" and not cfg.signals.enabled and not cfg.trainer.enabled
-    assert vt.version_matches("10.11.0.33", "10.11") and not vt.version_matches("10.110", "10.11")
+
+
+# --- the version gate: only the release this layer was written for (TensorRT-LLM 1.2.1, TensorRT 10.14) ----------
+def stack(vt, tensorrt_llm: str, tensorrt: str):
+    """The probe seam: what the environment check would read from an installed TensorRT-LLM / TensorRT."""
+    return lambda: vt.InstalledStack(tensorrt_llm=tensorrt_llm, tensorrt=tensorrt)
+
+
+def test_an_unsupported_tensorrt_llm_is_refused_clearly_before_any_other_check(vt, tmp_path, capsys):
+    assert vt.main(["--work-dir", str(tmp_path)], probe=stack(vt, "1.3.0rc21", "10.14.1.48")) == 2
+    out, err = capsys.readouterr()
+    assert "cannot run the TensorRT-LLM checks" in err
+    assert "written for TensorRT-LLM 1.2.1 with TensorRT 10.14" in err and "found TensorRT-LLM 1.3.0rc21" in err
+    assert "removed after 1.3.0rc20" in err and "pip install '.[trtllm]'" in err
+    doc = json.loads((tmp_path / vt.REPORT).read_text())
+    assert doc["pinned"] == {"tensorrt_llm": "1.2.1", "tensorrt": "10.14"}
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["environment"]["status"] == "error"
+    assert checks["environment"]["detail"].startswith("UnsupportedVersionError: ")
+    assert all(checks[n]["status"] == "skip" for n in vt.CHECKS[1:])  # nothing ran against the wrong release
+
+
+def test_version_gate_accepts_the_pinned_release_and_refuses_others(vt, tmp_path):
+    from tide_trt.engine.trtllm_engine import UnsupportedVersionError, check_supported_versions, version_matches
+
+    args = vt.parse_args(["--work-dir", str(tmp_path)])
+    for trtllm, trt in (("1.2.1", "10.14.1.48"), ("1.2.1.post1", "10.14.1")):
+        assert vt.Validation(args, stack(vt, trtllm, trt)).environment() == {"tensorrt_llm": trtllm, "tensorrt": trt}
+    refused = {
+        ("0.21.0", "10.11.0.33"): ["TensorRT-LLM 0.21.0 (older", "TensorRT 10.11.0.33"],
+        ("1.2.0", "10.14.1.48"): ["TensorRT-LLM 1.2.0 (older"],
+        ("1.2.10", "10.14.1.48"): ["TensorRT-LLM 1.2.10 (newer"],
+        ("1.2.1", "11.4.0.106"): ["TensorRT 11.4.0.106 (TensorRT-LLM 1.2.1 requires tensorrt~=10.14.1)"],
+    }
+    for (trtllm, trt), parts in refused.items():
+        with pytest.raises(UnsupportedVersionError) as err:
+            vt.Validation(args, stack(vt, trtllm, trt)).environment()
+        assert all(p in str(err.value) for p in parts), str(err.value)
+    check_supported_versions("1.2.1", "10.14")
+    assert version_matches("10.14.1.48", "10.14") and not version_matches("10.140", "10.14")
+
+
+def test_the_trtllm_extra_pins_what_the_gate_accepts():
+    tomllib = pytest.importorskip("tomllib")  # python >= 3.11
+
+    from tide_trt.engine.trtllm_engine import SUPPORTED_TENSORRT, SUPPORTED_TRTLLM
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["trtllm"]
+    assert f"tensorrt-llm=={SUPPORTED_TRTLLM}" in extra
+    assert f"tensorrt~={SUPPORTED_TENSORRT}.1" in extra

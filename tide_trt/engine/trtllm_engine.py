@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +39,59 @@ MANIFEST_FORMAT = "tide-trtllm-engine-v1"
 CAPTURE_OUTPUT = "tide_capture_hidden"  # [num_tokens, 3, hidden] network output of the capture plugin
 ENGINE_DIR_ENV = "TIDE_TRTLLM_ENGINE_DIR"
 DEFAULT_TOKENS_PER_BLOCK = 32
+
+# The release this layer follows (docs/TRTLLM.md, "Versions"): the newest TensorRT-LLM with the TensorRT-engine flow
+# (trtllm-build, custom TensorRT plugins, refit) that is a release, not a release candidate. Its own metadata requires
+# tensorrt~=10.14.1, torch>=2.9.1,<=2.10.0a0, transformers==4.57.3, cuda-python>=13, python>=3.10. pyproject's
+# [trtllm] extra pins the same two.
+SUPPORTED_TRTLLM = "1.2.1"
+SUPPORTED_TENSORRT = "10.14"
+# The TensorRT-engine flow is deprecated in 1.2 and removed from TensorRT-LLM after 1.3.0rc20.
+ENGINE_FLOW_REMOVED_AFTER = "1.3.0rc20"
+
+
+class UnsupportedVersionError(TideError):
+    """TensorRT / TensorRT-LLM of a release this layer was not written for."""
+
+
+def version_matches(found: str, supported: str) -> bool:
+    """`found` is `supported` or a patch / post release of it ("1.2.1.post1", "10.14.1.48"), not "1.2.10"."""
+    return found == supported or found.startswith(supported + ".")
+
+
+def _release_tuple(version: str) -> tuple[int, ...]:
+    """(1, 3, 0) for "1.3.0rc20": the leading numeric release fields (pre/post/dev tags ignored)."""
+    match = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(x) for x in match.group(0).split(".")) if match else ()
+
+
+def check_supported_versions(tensorrt_llm: str, tensorrt: str) -> None:
+    """Refuse any TensorRT-LLM / TensorRT other than the ones this layer was written for (one clear error).
+
+    The builders and the engine use TensorRT-LLM's engine-flow APIs (BuildConfig and PluginConfig as 1.2 defines
+    them, the GPT attention plugin's engine inputs, the paged KV pool layout) and TensorRT's plugin and refit APIs;
+    other releases differ in exactly those places, so a silent attempt would fail later and less clearly.
+    """
+    problems = []
+    if not version_matches(tensorrt_llm, SUPPORTED_TRTLLM):
+        newer = _release_tuple(tensorrt_llm) > _release_tuple(SUPPORTED_TRTLLM)
+        why = (
+            f"newer: the TensorRT-engine flow is deprecated from 1.2 on and removed after {ENGINE_FLOW_REMOVED_AFTER}"
+            if newer
+            else "older: its BuildConfig / PluginConfig APIs differ from the ones used here"
+        )
+        problems.append(f"TensorRT-LLM {tensorrt_llm} ({why})")
+    if not version_matches(tensorrt, SUPPORTED_TENSORRT):
+        problems.append(
+            f"TensorRT {tensorrt} (TensorRT-LLM {SUPPORTED_TRTLLM} requires tensorrt~={SUPPORTED_TENSORRT}.1)"
+        )
+    if problems:
+        raise UnsupportedVersionError(
+            f"this TensorRT-LLM layer was written for TensorRT-LLM {SUPPORTED_TRTLLM} with TensorRT "
+            f"{SUPPORTED_TENSORRT}; found " + " and ".join(problems) + ". Install the pinned versions "
+            "(pip install '.[trtllm]' --extra-index-url https://pypi.nvidia.com, or the matching NGC container) — "
+            "docs/TRTLLM.md, \"Versions\" and \"The road past the engine flow\""
+        )
 
 
 def require_trtllm() -> tuple[Any, Any]:
@@ -318,7 +372,8 @@ class TrtllmTargetEngine(TargetEngine):
     ):
         trt = None
         if runtime is None:
-            trt, _ = require_trtllm()
+            trt, trtllm = require_trtllm()
+            check_supported_versions(str(trtllm.__version__), str(trt.__version__))  # 1.2.1's engine inputs
             _require_cuda_device(cfg)
         arch = ckpt.arch
         capture = tuple(cfg.capture_layers) if cfg.capture_layers else default_capture_layers(arch.num_layers)
