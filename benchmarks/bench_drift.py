@@ -7,6 +7,8 @@ greedily at --concurrency requests in flight (continuous batching), default mode
 Systems, each over the identical request stream on the same engine:
   none    plain decoding (γ = 0);
   static  the draft (--draft, default: the shipped one) at fixed γ = --gamma, never updated;
+  hybrid  the same static head + the suffix index (draft.suffix defaults: shipped corpus preloaded, finished
+          requests of the stream join the global index), no training;
   tide    the same start draft + OnlineAdaptation (signal capture gated by the DriftDetector, refit watcher)
           and a `tide train` process (its own torch thread) training from the signal store and publishing
           versions the server refits between steps; γ per step from the adaptive controller
@@ -254,12 +256,30 @@ def floors(results: list[dict]) -> dict:
     return out
 
 
+def hybrid_floors(results: list[dict]) -> dict:
+    """Suffix index + head vs the static head alone, per phase and on the drifted (code) phase after warm-up."""
+    by = {r["system"]: r["summary"] for r in results}
+    if "hybrid" not in by or "static" not in by:
+        return {}
+    hyb, static = by["hybrid"], by["static"]
+    out = {f"hybrid_vs_static_{ph}": hyb[ph]["tokens_per_s"] / static[ph]["tokens_per_s"] for ph in PHASES}
+    code_h, code_s = hyb["humaneval"].get("after_warmup"), static["humaneval"].get("after_warmup")
+    if code_h and code_s:
+        out["hybrid_vs_static_code_after_warmup"] = code_h["tokens_per_s"] / code_s["tokens_per_s"]
+    out["hybrid_drift_floor_1.3_met"] = out.get("hybrid_vs_static_code_after_warmup", 0.0) >= 1.3
+    return out
+
+
 def run_system(
     name: str, engine: TorchTargetEngine, reqs: list, args: argparse.Namespace, work: Path
 ) -> dict:
+    from tide_trt.config import SuffixConfig
     from tide_trt.runtime import build_drafter, resolve_draft_path
 
-    drafter = None if name == "none" else build_drafter(engine, resolve_draft_path(args.draft))
+    # hybrid: the static head + the suffix index (draft.suffix defaults; shipped corpus preloaded, then the
+    # finished requests of this stream) — what the live index adds on the drifted phases, no training
+    suffix = SuffixConfig() if name == "hybrid" else None
+    drafter = None if name == "none" else build_drafter(engine, resolve_draft_path(args.draft), suffix=suffix)
     plugins, trainer, cfg = [], None, None
     policy = StaticGamma(0 if drafter is None else args.gamma)
     adaptive = name == "tide" and args.tide_gamma == "adaptive"
@@ -354,7 +374,7 @@ def plot(results: list[dict], path: Path, window: float) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_tau, ax_tps) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    colors = {"none": "tab:gray", "static": "tab:blue", "tide": "tab:red"}
+    colors = {"none": "tab:gray", "static": "tab:blue", "tide": "tab:red", "hybrid": "tab:green"}
     for res in results:
         steps = [e for e in res["events"] if e["event"] == "step"]
         t, tps, tau = windowed(steps, window)
@@ -427,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s done in %.0f s: %s", name, time.perf_counter() - t0, results[-1]["summary"]["all"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "drift", "machine": machine(), "args": vars(args), "floors": floors(results),
-           "results": results}
+    doc = {"benchmark": "drift", "machine": machine(), "args": vars(args),
+           "floors": {**floors(results), **hybrid_floors(results)}, "results": results}
     out.write_text(json.dumps(doc, indent=2))
     plot(results, Path(args.plot) if args.plot else out.with_suffix(".png"), args.window)
     print(table(results))
