@@ -214,3 +214,15 @@ def test_default_model_hybrid_greedy_identical_and_repeats_speed_up(default_chec
         assert s.output_ids == a.output_ids
     tau = sum(len(s.output_ids) - 1 for s in again) / sum(s.steps for s in again)
     assert tau > 4.0, tau
+
+
+def test_the_global_index_survives_a_refit(tiny_checkpoint) -> None:
+    """A refit swaps the head only: the suffix index (and what it learned from served requests) stays."""
+    engine = make_engine(tiny_checkpoint)
+    drafter = _hybrid_drafter(engine, SuffixConfig(preload="", min_confidence=0.0))
+    _run(engine, drafter, random_prompts(2, 96, seed=4), 0)
+    suffix = drafter.suffix
+    assert suffix is not None and suffix.sequences_indexed == 2
+    torch.manual_seed(1)
+    drafter.swap(new_head(engine, torch.arange(96)), version=7)
+    assert drafter.version == 7 and drafter.suffix is suffix and suffix.sequences_indexed == 2
