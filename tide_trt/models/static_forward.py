@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from tide_trt.engine.kv_cache import KVCache
-from tide_trt.models.gguf_weights import QuantWeight
 from tide_trt.kernels.linear import linear
+from tide_trt.models.gguf_weights import QuantWeight
 from tide_trt.models.llama import LlamaModel, apply_rope, rms_norm
 
 TILE = 64  # tokens per fixed-shape tile
