@@ -142,8 +142,9 @@ def load_llama_cpp(path: str | None) -> tuple[Any, str | None]:
 
         return llama_cpp, None
     except Exception as exc:  # ImportError, or a broken build raising OSError on loading its library
-        return None, (f"llama-cpp-python not importable ({exc}); install it with CMAKE_ARGS=\"-DGGML_NATIVE=ON\" pip "
-                      "install --no-binary llama-cpp-python --target DIR llama-cpp-python and pass --llama-cpp-path DIR")
+        return None, (f"llama-cpp-python not importable ({exc}); install it with CMAKE_ARGS=\"-DGGML_NATIVE=ON\" "
+                      "pip install --no-binary llama-cpp-python --target DIR llama-cpp-python and pass "
+                      "--llama-cpp-path DIR")
 
 
 def main(argv: list[str] | None = None) -> dict:
