@@ -155,3 +155,14 @@ def test_without_the_kernel_quantized_weights_fall_back(tiny_checkpoint, monkeyp
     expect = QuantWeight.quantize(tiny_checkpoint.state["model.layers.0.self_attn.o_proj.weight"], "q4_1", "")
     assert np.array_equal(w.numpy(), expect.dequantize().numpy())
     assert eng.forward([eng.allocate_slot()], [[1, 2, 3]]).logits.isfinite().all()
+
+
+def test_cli_weights_flag_sets_engine_weights() -> None:
+    import argparse
+
+    from tide_trt.commands.common import add_config_args, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_config_args(p)
+    assert config_from_args(p.parse_args(["--weights", "q4_1"])).engine.weights == "q4_1"
+    assert config_from_args(p.parse_args([])).engine.weights == "bf16"
