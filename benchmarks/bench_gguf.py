@@ -109,7 +109,7 @@ class LlamaCpp:
 
     def generate(self, prompts: list[list[int]], max_new: int, eos: tuple[int, ...]) -> tuple[int, float, int]:
         """Greedy-decode every prompt (one sequence id each) to max_new tokens or EOS. Returns (output tokens,
-        seconds, decode steps)."""
+        seconds, decode steps summed over sequences)."""
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         t0 = time.perf_counter()
         last: dict[int, int] = {}
@@ -126,7 +126,7 @@ class LlamaCpp:
             if not live:
                 break
             self._decode([(out[s][-1], len(prompts[s]) + len(out[s]) - 1, s, True) for s in live])
-            steps += 1
+            steps += len(live)  # sequence-steps, as the engine's τ counts them
             for i, s in enumerate(live):
                 out[s].append(self._argmax(i))
             live = [s for s in live if out[s][-1] not in eos]
@@ -145,6 +145,21 @@ def load_llama_cpp(path: str | None) -> tuple[Any, str | None]:
         return None, (f"llama-cpp-python not importable ({exc}); install it with CMAKE_ARGS=\"-DGGML_NATIVE=ON\" "
                       "pip install --no-binary llama-cpp-python --target DIR llama-cpp-python and pass "
                       "--llama-cpp-path DIR")
+
+
+def table(result: dict) -> str:
+    """The README table of one result: tok/s, τ and ratios per system and batch size."""
+    lines = ["| bs | system | tok/s | τ | × bf16 plain | × llama.cpp |", "|---|---|---|---|---|---|"]
+    for run, row in result["runs"].items():
+        systems = [n for n in row if isinstance(row[n], dict)]
+        base = row["ours_plain[bf16]"]["tokens_per_s"]
+        llama = row["llama_cpp"]["tokens_per_s"] if "llama_cpp" in row else None
+        for n in systems:
+            tps = row[n]["tokens_per_s"]
+            vs_llama = f"{tps / llama:.2f}" if llama else "—"
+            tau = "—" if n == "llama_cpp" else f"{row[n]['tau']:.2f}"
+            lines.append(f"| {run[2:]} | {n} | {tps:.1f} | {tau} | {tps / base:.2f} | {vs_llama} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -226,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     if llama is not None:
         llama.close()
     write_json(result, args.out)
+    log.info("\n%s", table(result))
     return result
 
 
