@@ -39,14 +39,15 @@ def tiny_checkpoint(tiny_model_dir: Path):
 
 
 def make_engine(ckpt, dtype: str = "float32", max_batch_size: int = 8, max_seq_len: int = 256,
-                tokenizer=None, cpu_kernels: str = "off"):
+                tokenizer=None, cpu_kernels: str = "off", weights: str = "bf16"):
     """cpu_kernels="auto" with dtype bfloat16: bf16 weights, fp32 activations, native kernel (the CPU serving
-    mode); "off": PyTorch matmuls end to end in `dtype`."""
+    mode); "off": PyTorch matmuls end to end in `dtype`. weights "q4_1" / "q8_0" / "auto": engine.weights."""
     from tide_trt.config import EngineConfig
     from tide_trt.engine.torch_engine import TorchTargetEngine
 
     return TorchTargetEngine(ckpt, EngineConfig(dtype=dtype, max_batch_size=max_batch_size,
-                                                max_seq_len=max_seq_len, cpu_kernels=cpu_kernels), tokenizer)
+                                                max_seq_len=max_seq_len, cpu_kernels=cpu_kernels,
+                                                weights=weights), tokenizer)
 
 
 @pytest.fixture()

@@ -212,15 +212,35 @@ def test_cli_trains_resumes_and_writes_a_loadable_draft(tiny_model_dir, tmp_path
     assert bad.returncode == 2 and "token corpus not found" in bad.stderr
 
 
-def test_default_model_prefill_numerics_match_serving(default_checkpoint, one_torch_thread):
-    """The bulk-prefill mode (float32 copies of the bf16 weights through PyTorch's GEMM) gives the serving
-    engine's labels and states (native kernel: bf16 weights, float32 products)."""
-    from tide_trt.kernels.linear import native_linears_available
+def test_cache_identity_records_the_weights(tiny_checkpoint, corpus, tmp_path):
+    """A state cache says which target weights made it, and one made with other weights is refused."""
+    from tide_trt.training.corpus_prefill import cache_identity
 
-    if not native_linears_available():
+    def ident(eng):
+        return cache_identity(corpus, eng, "serving", "greedy", "train", 4, 64, 4)
+
+    plain = make_engine(tiny_checkpoint, dtype="float32", max_batch_size=2, max_seq_len=64)
+    q8 = make_engine(tiny_checkpoint, dtype="float32", max_batch_size=2, max_seq_len=64, weights="q8_0")
+    assert ident(plain)["weights"] == "float32" and ident(q8)["weights"] == "q8_0"
+    seqs = select_sequences(corpus, "greedy", "train", 4)[:2]
+    build_state_cache(plain, seqs, tmp_path, ident(plain), shard_sequences=4, progress=False)
+    with pytest.raises(TideError, match="weights"):
+        build_state_cache(q8, seqs, tmp_path, ident(q8), shard_sequences=4, progress=False)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "q4_1"])
+def test_default_model_prefill_numerics_match_serving(default_checkpoint, one_torch_thread, weights):
+    """The bulk-prefill mode (float32 copies of the bf16 weights, or of the GGUF blocks' values, through PyTorch's
+    GEMM) gives the serving engine's labels and states (native kernels: the same weights, float32 products)."""
+    from tide_trt.kernels.linear import native_linears_available, quant_kernel_available
+
+    if not (quant_kernel_available() if weights == "q4_1" else native_linears_available()):
         pytest.skip("the native CPU kernel cannot be built here: serving and prefill both use PyTorch matmuls")
-    serving = make_engine(default_checkpoint, dtype="bfloat16", max_batch_size=2, max_seq_len=96, cpu_kernels="auto")
-    bulk = make_engine(default_checkpoint, dtype="bfloat16", max_batch_size=2, max_seq_len=96, cpu_kernels="auto")
+    serving = make_engine(default_checkpoint, dtype="bfloat16", max_batch_size=2, max_seq_len=96, cpu_kernels="auto",
+                          weights=weights)
+    bulk = make_engine(default_checkpoint, dtype="bfloat16", max_batch_size=2, max_seq_len=96, cpu_kernels="auto",
+                       weights=weights)
+    assert serving.info.weights == weights
     bulk.use_prefill_linears()
     assert bulk.weights.layers[0]["qkv"].dtype == torch.float32
     gen = torch.Generator().manual_seed(3)

@@ -131,22 +131,25 @@ def assert_bf16_equivalent(engine, plain_seq, spec_seq) -> None:
     assert margin < BF16_TIE_MARGIN, f"diverged at {i} with top-2 margin {margin:.4f} (not a bf16 near-tie)"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "native"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "native", "q4_1"])
 def test_default_model_greedy_lossless(default_checkpoint, default_tokenizer, default_draft_dir, dtype):
-    """float32 and native (bf16 weights, fp32 activations, batch-invariant kernel): token-identical.
-    bfloat16 end to end: identical up to the documented bf16 near-tie rule."""
+    """float32, native (bf16 weights, fp32 activations, batch-invariant kernel) and q4_1 (the GGUF's own blocks in
+    the batch-invariant GGUF kernel): token-identical. bfloat16 end to end: identical up to the documented bf16
+    near-tie rule."""
     from tide_trt.runtime import build_drafter, encode_prompt
     from tide_trt.workloads import sharegpt_prompts
 
-    native = dtype == "native"
+    native = dtype in ("native", "q4_1")
     if native:
-        from tide_trt.kernels import load_gemm_bf16w
+        from tide_trt.kernels import load_gemm_bf16w, load_gemm_gguf
 
-        if load_gemm_bf16w() is None:
+        if (load_gemm_gguf() if dtype == "q4_1" else load_gemm_bf16w()) is None:
             pytest.skip("native kernel not buildable here (no AVX2 or C++ compiler)")
     engine = make_engine(default_checkpoint, dtype="bfloat16" if native else dtype, max_batch_size=4,
-                         max_seq_len=384, tokenizer=default_tokenizer, cpu_kernels="auto" if native else "off")
+                         max_seq_len=384, tokenizer=default_tokenizer, cpu_kernels="auto" if native else "off",
+                         weights="q4_1" if dtype == "q4_1" else "bf16")
     assert engine.info.native_linears == native
+    assert engine.info.weights == ("q4_1" if dtype == "q4_1" else "bf16")
     prompts = [encode_prompt(default_tokenizer, p)[:160] for p in sharegpt_prompts(4, seed=3)]
     plain = _run(engine, None, prompts, 0, max_new=48)
     drafter = build_drafter(engine, default_draft_dir)
@@ -154,7 +157,7 @@ def test_default_model_greedy_lossless(default_checkpoint, default_tokenizer, de
         spec = _run(engine, drafter, prompts, gamma, max_new=48)
         assert sum(s.accepted_tokens for s in spec) > 0
         for a, s in zip(plain, spec, strict=False):
-            if dtype in ("float32", "native"):
+            if dtype in ("float32", "native", "q4_1"):
                 assert s.output_ids == a.output_ids
             else:
                 assert_bf16_equivalent(engine, a, s)

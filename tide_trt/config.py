@@ -32,6 +32,7 @@ Backend = Literal["torch", "trtllm"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 BatchInvariant = Literal["auto", "on", "off"]
 CpuKernels = Literal["auto", "off"]
+WeightFormat = Literal["bf16", "q4_1", "q8_0", "auto"]
 ControllerMode = Literal["adaptive", "static", "off"]
 GateBaseline = Literal["served", "parent", "max"]
 InstanceKind = Literal["auto", "cpu", "gpu"]
@@ -109,6 +110,11 @@ class EngineConfig(_Section):
     # "auto": on CPU with dtype bfloat16, run every matmul in the native bf16-weight/fp32-activation kernel
     # (tide_trt/kernels) when it builds here; "off": plain PyTorch matmuls in `dtype`
     cpu_kernels: CpuKernels = "auto"
+    # format of the target's linear weights on CPU: "bf16" = `dtype` as above; "q4_1" / "q8_0" = the GGUF file's own
+    # quantized blocks in the native kernel (float32 math, batch-invariant; a linear the file holds in another type
+    # is quantized on load), float32 activations; "auto" = what the file holds (bf16 for a checkpoint without a
+    # GGUF). The choice and where each weight came from are logged at start-up (tide_trt/models/gguf_weights.py)
+    weights: WeightFormat = "bf16"
     # token budget of one engine step (decode/verify tokens first, then prompt chunks): long prompts are prefilled
     # in chunks across steps while other sequences keep decoding; a TensorRT-LLM engine's own max_num_tokens caps it
     max_num_tokens: int = _num(512, ge=1)
@@ -122,6 +128,8 @@ class EngineConfig(_Section):
     def _check(self) -> None:
         if not _DEVICE_RE.fullmatch(self.device):
             raise ConfigError(f"engine.device must be cpu | cuda | cuda:N, got {self.device!r}")
+        if self.weights in ("q4_1", "q8_0") and self.device != "cpu":
+            raise ConfigError(f"engine.weights={self.weights} runs in the CPU kernel: it needs engine.device=cpu")
         if self.capture_layers is not None and (len(self.capture_layers) != 3 or min(self.capture_layers) < 0):
             raise ConfigError(f"engine.capture_layers must be 3 layer indices >= 0, got {self.capture_layers}")
 

@@ -102,7 +102,8 @@ def _collect_examples(args: argparse.Namespace, engine) -> tuple[list, list[dict
         return load_cached_examples(str(cache)), [{"path": str(cache), **cached_examples_metadata(str(cache))}]
     meta = {"command": command_line(), "source": args.data, "workload": args.workload, "max_len": str(args.max_len),
             "max_new_tokens": str(args.max_new_tokens), "model": engine.info.fingerprint,
-            "engine": f"{engine.info.dtype} weights, native_linears={engine.info.native_linears}"}
+            "engine": f"{engine.info.dtype if engine.info.weights == 'bf16' else engine.info.weights} weights, "
+                      f"native_linears={engine.info.native_linears}"}
     convs = _workload_conversations(args.workload, args.num_conversations, args.seed)
     chunked = cache is not None and args.data == "regenerate" and cache.suffix != ".safetensors"
     if args.data == "text":

@@ -40,19 +40,20 @@ class ModelInfo:
     max_batch_size: int
     dtype: str  # the weights' dtype
     device: str
-    native_linears: bool = False  # bf16 weights with float32 activations in the native CPU kernel
+    native_linears: bool = False  # float32 activations with bf16 or GGUF-block weights in a native CPU kernel
+    weights: str = "bf16"  # linear weight format: bf16 (`dtype`), q4_1 or q8_0 (GGUF blocks; engine.weights)
 
     @classmethod
     def from_arch(cls, arch: LlamaArch, *, name: str, fingerprint: str, capture_layers: tuple[int, ...],
                   max_seq_len: int, max_batch_size: int, dtype: str, device: str,
-                  native_linears: bool = False) -> ModelInfo:
+                  native_linears: bool = False, weights: str = "bf16") -> ModelInfo:
         """The ModelInfo of a Llama architecture served with these engine settings (every backend, the trainer)."""
         return cls(name=name, fingerprint=fingerprint, vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
                    num_layers=arch.num_layers, num_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
                    head_dim=arch.head_dim, intermediate_size=arch.intermediate_size, rms_norm_eps=arch.rms_norm_eps,
                    rope_theta=arch.rope_theta, capture_layers=tuple(capture_layers),
                    eos_token_ids=tuple(arch.eos_token_ids), max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                   dtype=dtype, device=device, native_linears=native_linears)
+                   dtype=dtype, device=device, native_linears=native_linears, weights=weights)
 
     @property
     def activation_dtype(self) -> torch.dtype:

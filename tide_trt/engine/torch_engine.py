@@ -14,6 +14,7 @@ from tide_trt.engine.kv_cache import KVCache
 from tide_trt.engine.slots import SlotTable
 from tide_trt.engine.step_batch import StepBatch, StepOutput
 from tide_trt.errors import TideError
+from tide_trt.models.gguf_weights import QuantWeight, auto_format, find_gguf, gguf_linear_types, load_quant_linears
 from tide_trt.models.llama import LlamaModel, LlamaWeights
 from tide_trt.models.loader import LoadedCheckpoint, load_checkpoint, load_tokenizer
 from tide_trt.models.static_forward import padded_size, static_forward
@@ -37,6 +38,37 @@ def use_native_linears(cfg: EngineConfig) -> bool:
     return native_linears_available()
 
 
+def resolve_weights(cfg: EngineConfig, ckpt: LoadedCheckpoint) -> tuple[str, dict[str, QuantWeight] | None]:
+    """engine.weights -> (the format served, the quantized linears or None for bf16), logged with where each
+    linear's blocks came from. Without the native GGUF kernel, quantized formats fall back to float32 copies of
+    the same values (logged)."""
+    fmt: str = cfg.weights
+    gguf = find_gguf(ckpt.path) if fmt != "bf16" and cfg.device == "cpu" else None
+    if fmt == "auto":
+        fmt = auto_format(gguf, ckpt.arch) if cfg.device == "cpu" else "bf16"
+        kinds = sorted(set(gguf_linear_types(gguf, ckpt.arch).values())) if gguf is not None else []
+        log.info("engine.weights auto -> %s (%s)", fmt,
+                 f"{gguf.name} holds linears in {', '.join(kinds)}" if gguf is not None else "no GGUF file")
+    if fmt == "bf16":
+        return "bf16", None
+    head = "lm_head.weight" if ("lm_head.weight" in ckpt.state and not ckpt.arch.tie_word_embeddings) \
+        else "model.embed_tokens.weight"
+    quant, sources = load_quant_linears(ckpt.state, ckpt.arch, fmt, gguf, head)  # type: ignore[arg-type]
+    lm = quant["lm_head.weight"]
+    log.info("engine.weights %s: linears from %s (%s); LM head %s [%s]; embeddings and norms float32", fmt,
+             gguf.name if gguf is not None else "the checkpoint (no GGUF file)",
+             ", ".join(f"{n} {src}" for src, n in sorted(sources.items())), lm.fmt, lm.source)
+    if any(src.startswith("quantized") for src in sources):
+        log.warning("engine.weights %s: %d linears were quantized on load (lossy: not the file's own numbers)", fmt,
+                    sum(n for src, n in sources.items() if src.startswith("quantized")))
+    from tide_trt.kernels.linear import quant_kernel_available
+
+    if not quant_kernel_available():
+        log.warning("engine.weights %s: the GGUF-block CPU kernel is not available here; serving float32 copies of "
+                    "the same values through PyTorch matmuls (not batch-invariant)", fmt)
+    return fmt, quant
+
+
 class TorchTargetEngine(TargetEngine):
     def __init__(self, ckpt: LoadedCheckpoint, cfg: EngineConfig, tokenizer: object | None = None):
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -50,12 +82,22 @@ class TorchTargetEngine(TargetEngine):
             raise TideError(f"capture_layers must be 3 layer indices in [0, {arch.num_layers}], got {list(capture)}")
         if cfg.max_batch_size < 1 or cfg.max_seq_len < 8:
             raise TideError("engine.max_batch_size must be >= 1 and engine.max_seq_len >= 8")
-        native = use_native_linears(cfg)
-        compute = torch.float32 if native else dtype
+        weights, blocks = resolve_weights(cfg, ckpt)
+        quant: dict[str, torch.Tensor | QuantWeight] | None = None
+        native = False
+        if blocks is not None:
+            from tide_trt.kernels.linear import quant_kernel_available
+
+            native = quant_kernel_available()
+            # without the kernel: the same values as float32 tensors
+            quant = dict(blocks) if native else {name: w.dequantize() for name, w in blocks.items()}
+        else:
+            native = use_native_linears(cfg)
+        compute = torch.float32 if native or quant is not None else dtype
         self.arch = arch
         self.dtype = compute  # activations, KV cache, captured states
         self.device = cfg.device
-        self.weights = LlamaWeights(arch, ckpt.state, dtype, cfg.device, compute_dtype=compute)
+        self.weights = LlamaWeights(arch, ckpt.state, dtype, cfg.device, compute_dtype=compute, quant=quant)
         self.model = LlamaModel(arch, self.weights, cfg.max_seq_len, compute, cfg.device)
         on_cuda = cfg.device.startswith("cuda")
         # fixed-shape steps: batch-invariant numerics, and the shape CUDA graphs need
@@ -69,16 +111,18 @@ class TorchTargetEngine(TargetEngine):
         self.checkpoint_dir = ckpt.path
         self.info = ModelInfo.from_arch(
             arch, name=ckpt.name, fingerprint=ckpt.fingerprint, capture_layers=capture, max_seq_len=cfg.max_seq_len,
-            max_batch_size=cfg.max_batch_size, dtype=cfg.dtype, device=cfg.device, native_linears=native)
+            max_batch_size=cfg.max_batch_size, dtype=cfg.dtype, device=cfg.device, native_linears=native,
+            weights=weights)
         self._max_num_tokens = cfg.max_num_tokens
         # steps up to a full batch verifying γ_max drafts replay a CUDA graph per padded size; larger ones (prompt
         # chunks) run the same fixed-shape function eagerly
         self.graph_max_tokens = padded_size(min(cfg.max_num_tokens, cfg.max_batch_size * (DraftConfig.gamma_max + 1)))
         self.graphs = GraphCache(self._static_step, cfg.device, enabled=self.static_steps and cfg.cuda_graphs,
                                  name="target step")
-        log.info("torch engine: %s weights, %s activations%s%s%s", cfg.dtype, str(compute).removeprefix("torch."),
-                 " (native CPU kernel)" if native else "", ", fixed-shape batch-invariant steps" if self.static_steps
-                 else "", ", CUDA graphs" if self.graphs.enabled else "")
+        log.info("torch engine: %s weights, %s activations%s%s%s", cfg.dtype if weights == "bf16" else weights,
+                 str(compute).removeprefix("torch."), " (native CPU kernel)" if native else "",
+                 ", fixed-shape batch-invariant steps" if self.static_steps else "",
+                 ", CUDA graphs" if self.graphs.enabled else "")
         self.slots = SlotTable(cfg.max_batch_size)
 
     @classmethod
@@ -165,7 +209,8 @@ class TorchTargetEngine(TargetEngine):
         return self.weights.embed
 
     def lm_head_weight(self) -> torch.Tensor:
-        return self.weights.lm_head
+        head = self.weights.lm_head
+        return head.dequantize() if isinstance(head, QuantWeight) else head
 
     def final_norm_weight(self) -> torch.Tensor:
         return self.weights.norm

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from tide_trt.engine.kv_cache import KVCache
 from tide_trt.engine.step_batch import StepBatch
 from tide_trt.kernels.linear import linear
+from tide_trt.models.gguf_weights import QuantWeight
 
 
 @dataclass(frozen=True)
@@ -125,12 +127,23 @@ class LlamaWeights:
     """
 
     def __init__(self, arch: LlamaArch, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
-                 compute_dtype: torch.dtype | None = None):
+                 compute_dtype: torch.dtype | None = None,
+                 quant: dict[str, torch.Tensor | QuantWeight] | None = None):
         compute_dtype = compute_dtype or dtype
         native = compute_dtype == torch.float32 and dtype == torch.bfloat16
+        if quant is not None:  # GGUF blocks (engine.weights q4_1 / q8_0; float32 copies without the kernel)
+            dtype = compute_dtype = torch.float32
 
         def get(name: str, as_dtype: torch.dtype = dtype) -> torch.Tensor:
             return state[name].to(device=device, dtype=as_dtype).contiguous()
+
+        def lin(*names: str) -> torch.Tensor | QuantWeight:
+            parts = [quant[n] for n in names] if quant is not None else [get(n) for n in names]
+            if len(parts) == 1:
+                return parts[0]
+            if all(isinstance(p, QuantWeight) for p in parts):
+                return QuantWeight.concat(parts)  # type: ignore[arg-type]
+            return torch.cat([p.to(device) for p in parts if isinstance(p, torch.Tensor)], dim=0).contiguous()
 
         self.embed = get("model.embed_tokens.weight")  # [V, H] (looked up, then cast to the compute dtype)
         self.norm = get("model.norm.weight", compute_dtype)  # [H]
@@ -138,37 +151,52 @@ class LlamaWeights:
         # far too often, which makes greedy argmax depend on kernel shapes (docs/ARCHITECTURE.md, losslessness).
         head_name = "lm_head.weight" if ("lm_head.weight" in state and not arch.tie_word_embeddings) \
             else "model.embed_tokens.weight"
-        self.lm_head = get(head_name, torch.bfloat16 if native else torch.float32)  # [V, H]
-        self.layers = []
+        self.lm_head: torch.Tensor | QuantWeight = (  # [V, H]
+            quant["lm_head.weight"] if quant is not None
+            else get(head_name, torch.bfloat16 if native else torch.float32))
+        self.layers: list[dict[str, Any]] = []  # name -> torch.Tensor | QuantWeight
         for i in range(arch.num_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
-                             get(p + "self_attn.v_proj.weight")], dim=0)  # [(Hq+2Hkv)*D, H]
-            gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0)
             self.layers.append({
                 "input_norm": get(p + "input_layernorm.weight", compute_dtype),
-                "qkv": qkv,
-                "o": get(p + "self_attn.o_proj.weight"),
+                "qkv": lin(p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                           p + "self_attn.v_proj.weight"),  # [(Hq+2Hkv)*D, H]
+                "o": lin(p + "self_attn.o_proj.weight"),
                 "post_norm": get(p + "post_attention_layernorm.weight", compute_dtype),
-                "gate_up": gate_up,  # [2*I, H]
-                "down": get(p + "mlp.down_proj.weight"),  # [H, I]
+                "gate_up": lin(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),  # [2*I, H]
+                "down": lin(p + "mlp.down_proj.weight"),  # [H, I]
             })
+
+    def linear_bytes(self) -> int:
+        """Bytes of linear weights (LM head included) one decode step reads."""
+        def size(w: torch.Tensor | QuantWeight) -> int:
+            return w.nbytes if isinstance(w, QuantWeight) else w.numel() * w.element_size()
+
+        return size(self.lm_head) + sum(size(layer[n]) for layer in self.layers for n in self.LINEAR_NAMES)
 
     LINEAR_NAMES = ("qkv", "o", "gate_up", "down")
 
     def upcast_linears(self) -> None:
-        """Replace bf16 linear weights (LM head included) by float32 copies of the same values, for bulk prefill:
-        the products are those of the native kernel (bf16 values, float32 accumulation) computed by PyTorch's
-        throughput GEMM, 3x faster for long prompts but not batch-invariant, so never for serving."""
-        self.lm_head = self.lm_head.float()
+        """Replace bf16 or quantized linear weights (LM head included) by float32 copies of the same values, for bulk
+        prefill: the products are those of the native kernels (the same weight values, float32 accumulation)
+        computed by PyTorch's throughput GEMM, 3x faster for long prompts but not batch-invariant, so never for
+        serving."""
+        def up(w: torch.Tensor | QuantWeight) -> torch.Tensor:
+            return w.dequantize() if isinstance(w, QuantWeight) else w.float()
+
+        self.lm_head = up(self.lm_head)
         for layer in self.layers:
             for name in self.LINEAR_NAMES:
-                layer[name] = layer[name].float()
+                layer[name] = up(layer[name])
 
     def parameters(self) -> list[torch.Tensor]:
-        out = [self.embed, self.norm, self.lm_head]
+        """Every weight tensor (quantized weights as their block tensors)."""
+        def t(w: torch.Tensor | QuantWeight) -> torch.Tensor:
+            return w.blocks if isinstance(w, QuantWeight) else w
+
+        out = [self.embed, self.norm, t(self.lm_head)]
         for layer in self.layers:
-            out.extend(layer.values())
+            out.extend(t(w) for w in layer.values())
         return out
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from tide_trt.engine.kv_cache import KVCache
 from tide_trt.kernels.linear import linear
+from tide_trt.models.gguf_weights import QuantWeight
 from tide_trt.models.llama import LlamaModel, apply_rope, rms_norm
 
 TILE = 64  # tokens per fixed-shape tile
@@ -28,7 +29,7 @@ def padded_size(num_tokens: int, tile: int = TILE) -> int:
     return max(tile, -(-num_tokens // tile) * tile)
 
 
-def tiled_linear(x: torch.Tensor, weight: torch.Tensor, tile: int = TILE) -> torch.Tensor:
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor | QuantWeight, tile: int = TILE) -> torch.Tensor:
     """x [P, K] (P a multiple of tile) @ weight.T [K, N] -> [P, N], one fixed-shape GEMM per tile."""
     return torch.cat([linear(x[i:i + tile], weight) for i in range(0, x.shape[0], tile)])
 

@@ -91,9 +91,11 @@ def monotone_profile(profile: LatencyProfile) -> LatencyProfile:
 
 def cached_engine_profile(engine: TargetEngine, drafter: ChainDrafter | None, gamma_max: int,
                           cache_dir: str | Path | None = None, refresh: bool = False) -> LatencyProfile:
-    """load_or_profile keyed by (model, device, dtype, kernels, threads, draft shape, batch sizes)."""
+    """load_or_profile keyed by (model, device, dtype, kernels, weight format, threads, draft shape, batch sizes);
+    the weight format enters the key only when it is not bf16, so existing bf16 profiles stay valid."""
     key = {"version": 4, "model": engine.info.fingerprint, "device": engine.info.device, "dtype": engine.info.dtype,
            "native_linears": engine.info.native_linears, "threads": torch.get_num_threads(), "gamma_max": gamma_max,
+           **({"weights": engine.info.weights} if engine.info.weights != "bf16" else {}),
            "draft_vocab": drafter.cfg.draft_vocab_size if drafter else 0,
            "batch_sizes": _batch_sizes(engine, DEFAULT_BATCH_SIZES), "backend": type(engine).__name__}
     root = Path(cache_dir) if cache_dir else default_cache_dir() / "profiles"

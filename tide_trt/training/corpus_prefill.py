@@ -32,14 +32,16 @@ def prefill_engine(model: ModelConfig, engine: EngineConfig, numerics: PrefillNu
 
     numerics "serving": the serving engine's numbers. On CPU that is bf16 weights with float32 products
     (the native kernel's math, run through PyTorch's float32 GEMM: labels identical, 3x faster); on CUDA the
-    configured dtype. "bf16": bf16 end to end (AMX / tensor cores): ~2x faster again on CPUs with AMX, but ~1 %
-    of labels flip at near-ties (measured on the default model), so the draft learns slightly different numbers.
+    configured dtype. With `engine.weights` q4_1 / q8_0 (GGUF blocks), "serving" runs float32 copies of exactly the
+    blocks' values through the same GEMM. "bf16": bf16 end to end (AMX / tensor cores): ~2x faster again on CPUs
+    with AMX, but ~1 % of labels flip at near-ties (measured on the default model), so the draft learns slightly
+    different numbers. The cache records which weights it used (`cache_identity`'s "weights").
     """
     if numerics not in ("serving", "bf16"):
         raise TideError(f"prefill numerics must be 'serving' or 'bf16', got {numerics!r}")
     cfg = dataclasses.replace(engine, max_batch_size=max_batch, max_seq_len=max_len + 8)
     if numerics == "bf16":
-        cfg = dataclasses.replace(cfg, dtype="bfloat16", cpu_kernels="off")
+        cfg = dataclasses.replace(cfg, dtype="bfloat16", cpu_kernels="off", weights="bf16")
     eng = TorchTargetEngine(load_checkpoint(model.path, model.cache_dir), cfg)  # token ids in, no tokenizer
     eng.use_prefill_linears()
     return eng
@@ -50,7 +52,13 @@ def cache_identity(corpus: TokenCorpus, eng: TorchTargetEngine, numerics: str, k
     return {"corpus": str(corpus.path.name), "corpus_sha256_16": corpus.fingerprint, "kind": kind, "split": split,
             "heldout_every": heldout_every, "max_len": max_len, "shard_sequences": shard_sequences,
             "target": eng.info.fingerprint, "capture_layers": list(eng.info.capture_layers),
-            "numerics": numerics, "weights": eng.info.dtype, "device_type": torch.device(eng.info.device).type}
+            "numerics": numerics, "weights": weights_label(eng), "device_type": torch.device(eng.info.device).type}
+
+
+def weights_label(eng: TorchTargetEngine) -> str:
+    """Which target weights produced a cache's labels and states: the dtype for bf16-mode engines ("bfloat16",
+    "float32"), else the GGUF block format ("q4_1", "q8_0": engine.weights)."""
+    return eng.info.dtype if eng.info.weights == "bf16" else eng.info.weights
 
 
 def prefill_corpus(eng: TorchTargetEngine, corpus: TokenCorpus, kind: str, split: Literal["train", "heldout"],
