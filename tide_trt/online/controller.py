@@ -15,8 +15,8 @@ candidate argmax γ; the controller switches to it only when its predicted gain 
 exceeds ``hysteresis`` (relative; none for turning speculation off: a speculation predicted to lose is never kept)
 on ``confirm_steps`` consecutive steps, and the current γ has been kept ``min_dwell_steps`` steps.
 After ``reprobe_interval_steps`` steps without speculation, and at cold start, it runs ``probe_steps`` steps at
-``probe_gamma`` so estimates refresh and an improved draft gets used again (``on_draft_updated()`` also schedules a probe); the decision right after a probe needs no
-confirmation. A probe is not free: its steps cost more than plain ones where speculation does not pay, and
+``probe_gamma`` so estimates refresh and an improved draft gets used again (``on_draft_updated()`` also schedules
+a probe); the decision right after a probe needs no confirmation. A probe is not free: its steps cost more than plain ones where speculation does not pay, and
 the draft must first catch up on every position decoded since it last ran (a draft prefill over batch ×
 interval tokens). So each probe that leaves speculation off multiplies the interval by ``reprobe_backoff``
 (up to ``reprobe_max_interval_steps``); a probe that turns speculation on, or a new draft, resets it.
