@@ -10,20 +10,20 @@ including plain-decoding steps that carry no acceptance information, so stale es
 ratio is kept. A request's estimate is shrunk towards the global one with ``request_prior_trials`` pseudo-trials:
 ``α_i = (s_i + w·α_g) / (t_i + w)``; unknown requests use α_g.
 
-Decision (mode "adaptive"): the predicted speedup curve of the running batch (perf_model) gives a
-candidate argmax γ; the controller switches to it only when its predicted gain over the current γ
-exceeds ``hysteresis`` (relative; none for turning speculation off: a speculation predicted to lose is never kept)
-on ``confirm_steps`` consecutive steps, and the current γ has been kept ``min_dwell_steps`` steps.
-After ``reprobe_interval_steps`` steps without speculation, and at cold start, it runs ``probe_steps`` steps at
-``probe_gamma`` so estimates refresh and an improved draft gets used again (``on_draft_updated()`` also schedules
-a probe); the decision right after a probe needs no confirmation. A probe is not free: its steps cost more than plain ones where speculation does not pay, and
-the draft must first catch up on every position decoded since it last ran (a draft prefill over batch ×
-interval tokens). So each probe that leaves speculation off multiplies the interval by ``reprobe_backoff``
-(up to ``reprobe_max_interval_steps``); a probe that turns speculation on, or a new draft, resets it.
-At large batches a probe drafts for only ``probe_max_requests`` of the running requests (the least-observed
-ones, kept for the whole probe): the others decode one token in the same target pass, so the probe's extra
-target rows are k·γ instead of b·γ and the catch-up covers k sequences; α is per draft token, so a few
-requests measure it as well as the whole batch.
+Decision (mode "adaptive"): the predicted speedup curve of the running batch (perf_model) gives a candidate argmax
+γ; the controller switches to it only when its predicted gain over the current γ exceeds ``hysteresis`` (relative;
+none for turning speculation off: a speculation predicted to lose is never kept) on ``confirm_steps`` consecutive
+steps, and the current γ has been kept ``min_dwell_steps`` steps. After ``reprobe_interval_steps`` steps without
+speculation, and at cold start, it runs ``probe_steps`` steps at ``probe_gamma`` so estimates refresh and an
+improved draft gets used again (``on_draft_updated()`` also schedules a probe); the decision right after a probe
+needs no confirmation. A probe is not free: its steps cost more than plain ones where speculation does not pay, and
+the draft must first catch up on every position decoded since it last ran (a draft prefill over batch × interval
+tokens). So each probe that leaves speculation off multiplies the interval by ``reprobe_backoff`` (up to
+``reprobe_max_interval_steps``); a probe that turns speculation on, or a new draft, resets it. At large batches a
+probe drafts for only ``probe_max_requests`` of the running requests (the least-observed ones, kept for the whole
+probe): the others decode one token in the same target pass, so the probe's extra target rows are k·γ instead of
+b·γ and the catch-up covers k sequences; α is per draft token, so a few requests measure it as well as the whole
+batch.
 
 Cost model and live evidence (issue 21). The step costs come from an ``OnlineCostModel`` (online/cost_model.py):
 the start-up profile corrected by every timed decode step (a load factor shared by all shapes, a shape correction
