@@ -18,7 +18,11 @@ is in log space, and one step's residual is clamped to ±log 3 (a stall moves no
 by ``_STALE_DECAY`` per step towards what the fresh counts imply at n (interpolated; 0 without any): the spell
 that set it may be over, and a shape the running steps do not measure follows its measured neighbours. A step
 over more tokens never costs less: the corrected T̂(n) is at least the largest corrected T̂(m) of a count m < n
-seen (a probe that finds γ = 2 slow makes γ = 8 no cheaper). The decision uses
+seen (a probe that finds γ = 2 slow makes γ = 8 no cheaper). L and s(n) live in log space, i.e. they track the
+typical (geometric-mean) step; throughput depends on the arithmetic mean, which on a shared machine's heavy-tailed
+step times (descheduled threads) is larger, so predictions carry one more factor ``k``: an EMA
+(``_BIAS_RATE``) of measured / log-model seconds (each ratio capped at ``_BIAS_CAP``). It scales every shape
+alike, so it changes no γ decision, only the predicted seconds. The decision uses
 ``P̂`` (``step_seconds``), not only the metric.
 
 Prediction error: EMAs (``cost_error_rate``) of the predicted seconds (made before the step is observed, for the
@@ -47,6 +51,8 @@ from tide_trt.online.perf_model import LatencyProfile
 _MAX_LOG_STEP = math.log(3.0)  # one step's log residual is clamped to ±log 3 (a stall, a page fault)
 _STALE_STEPS = 32  # a token count not seen for this many steps is re-measured afresh (2 plain-probe intervals)
 _MAX_KEYS = 4096
+_BIAS_RATE = 0.05  # ~20 steps: the arithmetic/geometric gap of the step-time noise, not the load itself
+_BIAS_CAP = 4.0  # one stall counts as at most 4x its predicted seconds in that gap
 _STALE_DECAY = 1.0 / 256  # per step, a stale s(n) relaxes towards its fresh neighbours: a cost measured under a
 # spell that has passed is forgotten within a few hundred steps unless measured again
 
@@ -98,6 +104,7 @@ class OnlineCostModel:
         self._ema: list[float] | None = None  # [corrected pred, start-up pred, measured]
         self._sums = [0.0, 0.0, 0.0]
         self._running_max: list[float] = []  # corrected T̂ at the counts seen, running max over n
+        self._bias = 1.0  # k: arithmetic-mean correction of the log-space model
 
     # ---------------------------------------------------------------- predictions
     def prior_step_seconds(self, tokens: int, chain: int, head_rows: int) -> float:
@@ -137,6 +144,9 @@ class OnlineCostModel:
         self._running_max = out
 
     def _predict(self, tokens: int, draft_prior: float) -> float:
+        return self._bias * self._predict_log(tokens, draft_prior)
+
+    def _predict_log(self, tokens: int, draft_prior: float) -> float:
         n = max(int(tokens), 1)
         scaled = (self.prior.target(n) + draft_prior) * self.correction(n)
         return max(scaled, self._floor(n) + draft_prior * math.exp(self._load))
@@ -165,6 +175,8 @@ class OnlineCostModel:
             return
         prior = self.prior_step_seconds(tokens, chain, head_rows)
         predicted = self.predict(tokens, chain, head_rows)
+        typical = predicted / self._bias
+        self._bias += _BIAS_RATE * (min(seconds / typical, _BIAS_CAP) - self._bias)
         obs = (predicted, prior, seconds)
         if self._ema is None:
             self._ema = list(obs)
