@@ -218,3 +218,23 @@ def test_prediction_is_unbiased_for_heavy_tailed_step_times() -> None:
     measured = after.measured_seconds - before.measured_seconds
     predicted = after.predicted_seconds - before.predicted_seconds
     assert abs(predicted - measured) / measured < 0.05
+
+
+def test_draft_catch_up_steps_are_not_fed_to_the_cost_model() -> None:
+    """The first speculative step after a prompt (or an off period) runs a draft prefill over up to
+    draft.catch_up_window positions: not a T(n) + γ·D step, so the model does not learn from it; the guard does."""
+    plugin = ControllerPlugin(ControllerConfig(mode="static"), PROFILE, 8, 3)
+    seq = SimpleNamespace(finished=False, prefilled=True, tokens=list(range(100)), slot=0)
+    drafter = SimpleNamespace(version=0, next_position=lambda slot: 30)  # 69 positions behind
+    gen = SimpleNamespace(drafter=drafter, sequences={"r": seq}, catch_up_window=64, last_step_prompt_tokens=0)
+    ev = [StepEvent("r", (1, 2), False, None, 3, 1)]
+    assert plugin.choose_gamma(["r"]) == 3
+    plugin.before_step(gen)  # type: ignore[arg-type]
+    plugin.after_step(gen, 3, ev, 0.2)  # type: ignore[arg-type]
+    ctl = plugin.controller
+    assert ctl.cost.snapshot().steps_observed == 0 and ctl.guard.counts(ctl.snapshot().steps)[0] == 1
+    drafter.next_position = lambda slot: 98  # caught up: one position behind, an ordinary decode step
+    plugin.choose_gamma(["r"])
+    plugin.before_step(gen)  # type: ignore[arg-type]
+    plugin.after_step(gen, 3, ev, 0.05)  # type: ignore[arg-type]
+    assert ctl.cost.snapshot().steps_observed == 1

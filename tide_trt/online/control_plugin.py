@@ -26,6 +26,7 @@ class ControllerPlugin:
         self.profile = profile
         self._draft_version: int | None = None
         self.steps_by_gamma: dict[int, int] = {}
+        self._catch_up = 0  # draft catch-up positions of the step being run (before_step -> after_step)
         # per-row draft-length hints for the running requests (request id -> γᵢ); None: one γ per step
         self.row_hint_fn: Callable[[Sequence[str]], Mapping[str, int]] | None = None
 
@@ -48,6 +49,25 @@ class ControllerPlugin:
         if drafter is not None and self._draft_version is not None and drafter.version != self._draft_version:
             self.controller.on_draft_updated()
         self._draft_version = drafter.version if drafter is not None else None
+        self._catch_up = self._pending_catch_up(generator)
+
+    def _pending_catch_up(self, generator: SpeculativeGenerator) -> int:
+        """Positions the draft must catch up on before this step's proposals (rows that draft at the γ just
+        chosen): after a prompt or an off period the step carries a draft prefill that T(n) + γ·D does not
+        describe. 0 when the drafter does not say where it is."""
+        drafter = generator.drafter
+        next_position = getattr(drafter, "next_position", None)
+        if drafter is None or next_position is None or self.controller.last_gamma <= 0:
+            return 0
+        drafting = self.controller.drafting(())
+        window = getattr(generator, "catch_up_window", 0)
+        total = 0
+        for rid, seq in generator.sequences.items():
+            if seq.finished or not seq.prefilled or (drafting is not None and rid not in drafting):
+                continue
+            lag = len(seq.tokens) - 1 - next_position(seq.slot)
+            total += min(lag, window) if window else lag
+        return max(total, 0)
 
     def after_step(self, generator: SpeculativeGenerator, gamma: int, events: Sequence[StepEvent],
                    seconds: float) -> None:
@@ -60,7 +80,9 @@ class ControllerPlugin:
         rows = getattr(generator, "last_step_draft_rows", None)  # (head rows, index-only rows) of a hybrid drafter
         head_rows = int(rows[0]) if rows is not None else None
         self.controller.observe([e.request_id for e in decode], [e.num_draft for e in decode],
-                                [e.num_accepted for e in decode], None if had_prefill else seconds, head_rows)
+                                [e.num_accepted for e in decode], None if had_prefill else seconds, head_rows,
+                                catch_up=self._catch_up)
+        self._catch_up = 0
 
     def on_finish(self, seq: SequenceState) -> None:
         self.controller.forget(seq.request.request_id)

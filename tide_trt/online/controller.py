@@ -59,6 +59,7 @@ from tide_trt.online.perf_model import (
 logger = logging.getLogger(__name__)
 
 _MAX_TRACKED = 4096  # per-request estimates kept when forget() is not called
+_CATCH_UP_FREE = 2  # catch-up positions per drafting row a decode step carries anyway (after a plain probe: 1)
 _HEAD_SHARE_EMA = 0.1  # rate of the EMA of the head's share of drafting rows (hybrid drafters)
 _DRAFT_UPDATE_KEEP = 0.1  # weight kept by old estimates when a new draft is deployed
 _MIN_MASS = 1e-6  # discounted trial counts are not decayed below this (no underflow to 0/0)
@@ -312,6 +313,11 @@ class AdaptiveController:
             self._drafting = frozenset(members)
         return self._emit(self.probe_gamma, curve[self.probe_gamma], "probe")
 
+    @property
+    def last_gamma(self) -> int:
+        """γ returned by the last choose_gamma."""
+        return self._last_gamma
+
     def drafting(self, request_ids: Sequence[str]) -> Collection[str] | None:
         """The requests that draft at the γ last returned by choose_gamma: a probe's members, else None (all)."""
         return self._drafting
@@ -357,11 +363,15 @@ class AdaptiveController:
         num_accepted: Sequence[int],
         step_seconds: float | None = None,
         head_rows: int | None = None,
+        catch_up: int = 0,
     ) -> None:
         """Record one verification step: ``num_accepted[i]`` of the ``gamma`` (or ``gamma[i]``: a probe drafts for
         some requests only, a drafter may size rows itself) drafts kept for request i. ``step_seconds`` (None: not
         a decode-only step) corrects the cost model and feeds the guard; ``head_rows``: rows the draft head
-        drafted (None: every drafting row; rows drafted by a suffix index alone cost ~0 draft time)."""
+        drafted (None: every drafting row; rows drafted by a suffix index alone cost ~0 draft time). ``catch_up``:
+        positions the draft caught up on first (after a prompt or an off period); a step with more than
+        ``_CATCH_UP_FREE`` per drafting row ran a draft prefill the cost model does not describe, so it is not fed
+        to the model (nor to its error) — the guard still counts it: it is part of speculation's real cost."""
         if len(num_accepted) != len(request_ids):
             raise ValueError(f"{len(request_ids)} request ids but {len(num_accepted)} accepted counts")
         gammas = [int(gamma)] * len(request_ids) if isinstance(gamma, int) else [int(g) for g in gamma]
@@ -394,7 +404,8 @@ class AdaptiveController:
             self._head_share += _HEAD_SHARE_EMA * (heads / drafting_rows - self._head_share)
         if step_seconds and step_seconds > 0.0 and request_ids:
             b = len(request_ids)
-            self.cost.observe(sum(gammas) + b, max(gammas), heads, step_seconds)
+            if catch_up <= _CATCH_UP_FREE * drafting_rows:
+                self.cost.observe(sum(gammas) + b, max(gammas), heads, step_seconds)
             tokens = tot_k + b  # accepted + one recovered/bonus token per request
             rate = GoodputGuard.normalised_rate(tokens, b, step_seconds, self.profile.target(b))
             if drafting_rows == 0:

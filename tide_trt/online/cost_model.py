@@ -5,10 +5,11 @@ corrects it. A step that verified ``n = Σ(γᵢ+1)`` target tokens after a draf
 ``h`` head rows is predicted by the prior as ``P(n, g, h) = T(n) + g·D(h)`` (rows drafted by a suffix index cost
 ~0 draft time, so only head rows are charged). The corrected prediction is ::
 
-    P̂(n, g, h) = P(n, g, h) · exp(L + s(n))
+    P̂(n, g, h) = k · P(n, g, h) · exp(L + s(n))
 
-with ``L`` a load offset shared by every shape (another process on the cores slows every shape alike) and
-``s(n)`` a per-token-count shape correction (linear in n between the counts seen, the nearest one outside them).
+with ``L`` a load offset shared by every shape (another process on the cores slows every shape alike),
+``s(n)`` a per-token-count shape correction (linear in n between the counts seen, the nearest one outside them)
+and ``k`` a bias factor (below).
 A step seen at n updates L (``cost_load_rate``) and then s(n) with what L left (``cost_shape_rate``; a count not
 seen for ``_STALE_STEPS`` steps restarts as the running mean of its new steps, so the 4 steps of a probe replace a
 stale value instead of nudging it). L alone is not identifiable when few shapes run (speculation off: only n = b);
