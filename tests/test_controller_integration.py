@@ -6,7 +6,8 @@ output) under the CPU serving profile, and stays off on the same prompt under a 
 
 Everything that decides the asserts is deterministic: greedy decoding through the batch-invariant engine gives the
 same tokens and the same accepted counts on every run, and the controller's γ depends only on those counts and
-the profile (the step seconds it is also given feed the `measured_speedup` metric only)."""
+the profile: step times correct the controller's cost model (issue 21), so the tests hand it the injected
+profile's time of each step (`ProfileTimed`) instead of the machine's."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.conftest import make_engine
 from tide_trt.config import ControllerConfig
 from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 from tide_trt.online.control_plugin import ControllerPlugin
+from tide_trt.online.cost_model import OnlineCostModel
 from tide_trt.online.perf_model import LatencyProfile, predicted_speedup
 from tide_trt.runtime import build_drafter, encode_prompt, run_with_policy
 
@@ -65,8 +67,27 @@ def _random_drafter(engine, trained):
     return ChainDrafter.for_engine(head, engine.info)
 
 
+class ProfileTimed:
+    """The ControllerPlugin (policy and step plugin), its decode steps timed as the injected profile says they take
+    (T(n) + γ·D(b)) instead of by the clock: the decisions then depend on the tokens only, not on the machine."""
+
+    def __init__(self, plugin: ControllerPlugin, profile: LatencyProfile):
+        self.plugin, self.model = plugin, OnlineCostModel(profile)
+
+    def after_step(self, generator, gamma, events, seconds):
+        decode = [e for e in events if not e.is_prefill]
+        if decode:
+            chain = max(e.num_draft for e in decode)
+            seconds = self.model.prior_step_seconds(sum(e.num_draft + 1 for e in decode), chain,
+                                                    sum(e.num_draft > 0 for e in decode))
+        self.plugin.after_step(generator, gamma, events, seconds)
+
+    def __getattr__(self, name):
+        return getattr(self.plugin, name)
+
+
 def _run(engine, drafter, profile, prompt: str, max_new: int):
-    plugin = ControllerPlugin(ControllerConfig(mode="adaptive"), profile, GAMMA_MAX, 3)
+    plugin = ProfileTimed(ControllerPlugin(ControllerConfig(mode="adaptive"), profile, GAMMA_MAX, 3), profile)
     gammas: list[int] = []
 
     class Recorder:
@@ -129,7 +150,7 @@ def test_switched_off_draft_keeps_signal_collection_on(setup, tmp_path):
     cfg = TideConfig(signals=SignalConfig(store_dir=str(tmp_path / "signals")),
                      trainer=TrainerConfig(drafts_dir=""))  # no refit watcher: capture and drift only
     gen = SpeculativeGenerator(engine, _random_drafter(engine, trained))
-    plugin = ControllerPlugin(ControllerConfig(mode="adaptive"), profile, GAMMA_MAX, 3)
+    plugin = ProfileTimed(ControllerPlugin(ControllerConfig(mode="adaptive"), profile, GAMMA_MAX, 3), profile)
     online = build_online_plugins(cfg, engine, gen, draft_limited_fn=lambda: plugin.controller.draft_limited)
     online[0].detector.pause("baseline")  # past cold start: only drift or the new trigger collect
     req = GenerationRequest("r", encode_prompt(engine.tokenizer, "Write a long story about a lighthouse keeper."),
@@ -147,3 +168,43 @@ def test_switched_off_draft_keeps_signal_collection_on(setup, tmp_path):
     for p in online:
         p.close()
     assert SignalStore(cfg.signals.store_dir).shard_paths(), "the switched-off request's signals were not stored"
+
+
+def _acceptance_by_position(engine, drafter, off_steps: range) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """Greedy COUNTING_PROMPT at γ = 3, plain decoding on the steps in `off_steps` (speculation off, as the
+    controller turns it off). Returns the tokens and (position, drafted, accepted) of every verification step."""
+    gen = SpeculativeGenerator(engine, drafter)
+    seq = gen.add(GenerationRequest("r", encode_prompt(engine.tokenizer, COUNTING_PROMPT), 160,
+                                    stop_token_ids=engine.info.eos_token_ids))
+    steps: list[tuple[int, int, int]] = []
+    while not seq.finished:
+        pos = len(seq.tokens) - 1
+        for e in gen.step(0 if len(steps) in off_steps else 3):
+            if not e.is_prefill:
+                steps.append((pos, e.num_draft, e.num_accepted))
+    tokens = list(seq.tokens)
+    gen.release("r")
+    return tokens, steps
+
+
+def _alpha(steps: list[tuple[int, int, int]], lo: int) -> float:
+    """Censored-geometric α over the speculative steps that start at position >= lo."""
+    k = sum(a for p, g, a in steps if p >= lo and g)
+    return k / sum(a + (a < g) for p, g, a in steps if p >= lo and g)
+
+
+def test_draft_acceptance_after_an_off_period_equals_never_off(setup, default_draft_dir):
+    """TRT-LLM bug 16888: acceptance collapsed after a draft-length schedule turned speculation off, because the
+    draft's state went stale. Here the draft catches up on the positions decoded while it was off (bounded by
+    draft.catch_up_window) before it proposes again, so after a 30-step off period it accepts as much as a draft
+    that never stopped, at the same positions (greedy: the same tokens in both runs)."""
+    engine, _, _ = setup
+    always_tokens, always = _acceptance_by_position(engine, build_drafter(engine, default_draft_dir), range(0))
+    tokens, off = _acceptance_by_position(engine, build_drafter(engine, default_draft_dir), range(15, 45))
+    assert tokens == always_tokens
+    resumed = next(p for i, (p, g, _) in enumerate(off) if i >= 45 and g)
+    before = _alpha([s for s in off if s[0] < off[15][0]], 0)
+    after, never_off = _alpha(off, resumed), _alpha(always, resumed)
+    print(f"acceptance before the off period {before:.3f}, after it {after:.3f}, never off {never_off:.3f}")
+    assert after > 0.4  # the draft predicts this prompt (a stale draft falls to ~0.40 after the gap)
+    assert after == pytest.approx(never_off, abs=0.05)

@@ -152,6 +152,29 @@ def test_gate_rejects_without_improvement_and_pauses(tiny, tmp_path) -> None:
     OnlineTrainer(cfg, base_draft=tiny[2]).run(once=True, on_round=rec.append)
     assert not rec[0]["deploy"] and rec[0]["pause_collection"] and rec[0]["reason"] == "no_improvement"
     assert rec[0]["version"] is None and DraftStore(cfg.trainer.drafts_dir).versions() == [0]
+    # the record says why, with the numbers: what was compared, the margin and where it came from
+    why = rec[0]["why"]
+    assert why.startswith("not deployed:") and "signal collection paused" in why
+    assert f"held-out acceptance {rec[0]['eval_acceptance']:.3f}" in why
+    assert f"required > {rec[0]['required_gain']:.3f}" in why and "gate_min_gain 0.990" in why
+    assert DraftStore(cfg.trainer.drafts_dir).rounds()[0]["why"] == why  # in rounds.jsonl too
+
+
+def test_round_record_explains_each_outcome() -> None:
+    from tide_trt.online.drift import Decision, TrainingGate
+    from tide_trt.online.trainer import explain_decision
+
+    gate = TrainingGate(100, min_gain=0.01, z=1.645, plateau_min_gain=0.02, plateau_rounds=2)
+    worse = explain_decision(Decision(False, True, "no_improvement", -0.02, 0.05), 0.30, 0.32, "served", 400,
+                             300, gate, 300, 100)
+    assert worse.startswith("not deployed: the new draft is worse than the baseline") and "z·SE 0.063" in worse
+    noise = explain_decision(Decision(False, True, "no_improvement", 0.01, 0.05), 0.33, 0.32, "parent_eval", 400,
+                             384, gate, 9, 100)
+    assert "within the noise of" in noise and "drafted only 9 trials (< gate_min_served_trials 100)" in noise
+    assert explain_decision(Decision(True, False, "improved", 0.1, 0.05), 0.42, 0.32, "served", 400, 300, gate,
+                            300, 100).startswith("deployed (held-out acceptance 0.420 vs served baseline 0.320")
+    assert "signal collection paused" in explain_decision(Decision(True, True, "plateau", 0.015, 0.01), 0.335,
+                                                          0.32, "served", 400, 300, gate, 300, 100)
 
 
 def write_yaml(cfg: TideConfig, path: Path) -> Path:

@@ -205,6 +205,24 @@ class ControllerConfig(_Section):
     probe_max_requests: int = _num(4, ge=0)  # a probe drafts for at most this many running requests (0: all)
     prior_acceptance: float = _num(0.6, ge=0.0, le=1.0)  # global α estimate before any observation
     request_prior_trials: float = _num(12.0, ge=0.0)  # pseudo-trials shrinking a request's α to the global one
+    # online cost model (online/cost_model.py): the start-up profile is the prior, timed decode steps correct it.
+    # load: one factor shared by every shape; 0.1 per timed step follows a load change within ~10 steps (1/rate)
+    # while one noisy step (±15 % on a shared CPU) moves it by ~1.5 %
+    cost_load_rate: float = _num(0.1, gt=0.0, le=1.0)
+    # shape: a correction per target token count n; 0.2 per step seen at that n, so a 4-step probe moves it 59 %
+    # of the way to what it measured (a stale verification cost is re-learned by one probe)
+    cost_shape_rate: float = _num(0.2, gt=0.0, le=1.0)
+    # the prediction-error metric compares EMAs of predicted and measured step seconds at this rate (~50 steps)
+    cost_error_rate: float = _num(0.02, gt=0.0, le=1.0)
+    # guard on live evidence: while speculating, one step in this many decodes plainly (γ = 0) so that plain
+    # goodput is measured under the same load; costs (1 − 1/S)/16 of throughput, < 1 % at S ≤ 1.2 (0: no guard)
+    plain_probe_interval_steps: int = _num(16, ge=0)
+    # the guard compares the goodput samples of the last this-many steps: 128 steps hold 8 plain probes
+    guard_window_steps: int = _num(128, ge=1)
+    guard_min_spec_samples: int = _num(32, ge=1)  # speculative steps needed in the window before it may act
+    guard_min_plain_samples: int = _num(4, ge=1)  # plain steps needed (4 probes: the mean's noise ≈ ±8 % / 2)
+    # speculation turns off when its live goodput is below plain's by more than this (noise of two window means)
+    guard_margin: float = _num(0.03, ge=0.0, lt=1.0)
 
 
 @dataclass(frozen=True)

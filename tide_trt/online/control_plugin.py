@@ -1,14 +1,18 @@
 """The adaptive controller attached to the engine loop: a GammaPolicy + StepPlugin.
 
-choose_gamma -> AdaptiveController.choose_gamma over the running batch; after each verification step the
-per-request accepted counts and the step time feed `observe` (steps that also ran a prefill are not timed);
-finished requests are forgotten. A refit calls `on_draft_updated` so that speculation is re-probed.
+choose_gamma -> AdaptiveController.choose_gamma over the running batch; row_gammas -> per-row lengths from
+`row_hint_fn` (e.g. a drafter's confidence), capped by the controller. After each verification step the per-request
+draft lengths, accepted counts and the step time feed `observe` (steps that also ran a prefill are not timed): they
+correct the cost model and feed the live-goodput guard. Draft time is charged by head rows: a generator that
+reports `last_step_draft_rows` = (rows drafted by the head, rows drafted by a suffix index alone) after its step
+gets only the former charged; without it every drafting row is a head row. Finished requests are forgotten.
+A refit calls `on_draft_updated` so that speculation is re-probed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from tide_trt.config import ControllerConfig
 from tide_trt.engine.generator import SequenceState, SpeculativeGenerator, StepEvent
@@ -22,6 +26,9 @@ class ControllerPlugin:
         self.profile = profile
         self._draft_version: int | None = None
         self.steps_by_gamma: dict[int, int] = {}
+        self._catch_up = 0  # draft catch-up positions of the step being run (before_step -> after_step)
+        # per-row draft-length hints for the running requests (request id -> γᵢ); None: one γ per step
+        self.row_hint_fn: Callable[[Sequence[str]], Mapping[str, int]] | None = None
 
     # GammaPolicy
     def choose_gamma(self, request_ids: Sequence[str]) -> int:
@@ -30,12 +37,37 @@ class ControllerPlugin:
     def drafting(self, request_ids: Sequence[str]) -> Collection[str] | None:
         return self.controller.drafting(request_ids)
 
+    def row_gammas(self, request_ids: Sequence[str]) -> Mapping[str, int] | None:
+        """Per-row γᵢ for the step just chosen (None: every drafting row at the step's γ)."""
+        if self.row_hint_fn is None:
+            return None
+        return self.controller.row_gammas(request_ids, self.row_hint_fn(request_ids))
+
     # StepPlugin
     def before_step(self, generator: SpeculativeGenerator) -> None:
         drafter = generator.drafter
         if drafter is not None and self._draft_version is not None and drafter.version != self._draft_version:
             self.controller.on_draft_updated()
         self._draft_version = drafter.version if drafter is not None else None
+        self._catch_up = self._pending_catch_up(generator)
+
+    def _pending_catch_up(self, generator: SpeculativeGenerator) -> int:
+        """Positions the draft must catch up on before this step's proposals (rows that draft at the γ just
+        chosen): after a prompt or an off period the step carries a draft prefill that T(n) + γ·D does not
+        describe. 0 when the drafter does not say where it is."""
+        drafter = generator.drafter
+        next_position = getattr(drafter, "next_position", None)
+        if drafter is None or next_position is None or self.controller.last_gamma <= 0:
+            return 0
+        drafting = self.controller.drafting(())
+        window = getattr(generator, "catch_up_window", 0)
+        total = 0
+        for rid, seq in generator.sequences.items():
+            if seq.finished or not seq.prefilled or (drafting is not None and rid not in drafting):
+                continue
+            lag = len(seq.tokens) - 1 - next_position(seq.slot)
+            total += min(lag, window) if window else lag
+        return max(total, 0)
 
     def after_step(self, generator: SpeculativeGenerator, gamma: int, events: Sequence[StepEvent],
                    seconds: float) -> None:
@@ -45,8 +77,12 @@ class ControllerPlugin:
         had_prefill = generator.last_step_prompt_tokens > 0  # a prompt chunk rode along: not a decode timing
         step_gamma = max(e.num_draft for e in decode)
         self.steps_by_gamma[step_gamma] = self.steps_by_gamma.get(step_gamma, 0) + 1
+        rows = getattr(generator, "last_step_draft_rows", None)  # (head rows, index-only rows) of a hybrid drafter
+        head_rows = int(rows[0]) if rows is not None else None
         self.controller.observe([e.request_id for e in decode], [e.num_draft for e in decode],
-                                [e.num_accepted for e in decode], None if had_prefill else seconds)
+                                [e.num_accepted for e in decode], None if had_prefill else seconds, head_rows,
+                                catch_up=self._catch_up)
+        self._catch_up = 0
 
     def on_finish(self, seq: SequenceState) -> None:
         self.controller.forget(seq.request.request_id)
@@ -67,4 +103,14 @@ class ControllerPlugin:
                "controller_switches": float(s.num_switches), "controller_probes": float(s.num_probes)}
         if s.measured_speedup is not None:
             out["controller_measured_speedup"] = s.measured_speedup
+        if s.cost is not None:
+            out["controller_load_factor"] = s.cost.load_factor
+            if s.cost.error is not None and s.cost.error_startup is not None:
+                out["controller_prediction_error"] = s.cost.error
+                out["controller_prediction_error_startup"] = s.cost.error_startup
+        out["controller_plain_probes_total"] = float(s.plain_probes)
+        out["controller_guard_offs_total"] = float(s.guard_offs)
+        out["controller_head_share"] = s.head_share
+        for b, g in s.schedule.items():
+            out[f"controller_schedule_gamma_b{b}"] = float(g)
         return out

@@ -10,43 +10,57 @@ including plain-decoding steps that carry no acceptance information, so stale es
 ratio is kept. A request's estimate is shrunk towards the global one with ``request_prior_trials`` pseudo-trials:
 ``α_i = (s_i + w·α_g) / (t_i + w)``; unknown requests use α_g.
 
-Decision (mode "adaptive"): the predicted speedup curve of the running batch (perf_model) gives a
-candidate argmax γ; the controller switches to it only when its predicted gain over the current γ
-exceeds ``hysteresis`` (relative) on ``confirm_steps`` consecutive steps, and the current γ has been
-kept ``min_dwell_steps`` steps. After ``reprobe_interval_steps`` steps without speculation, and at cold
-start, it runs ``probe_steps`` steps at ``probe_gamma`` so estimates refresh and an improved draft gets
-used again (``on_draft_updated()`` also schedules a probe); the decision right after a probe needs no
-confirmation. A probe is not free: its steps cost more than plain ones where speculation does not pay, and
-the draft must first catch up on every position decoded since it last ran (a draft prefill over batch ×
-interval tokens). So each probe that leaves speculation off multiplies the interval by ``reprobe_backoff``
-(up to ``reprobe_max_interval_steps``); a probe that turns speculation on, or a new draft, resets it.
-At large batches a probe drafts for only ``probe_max_requests`` of the running requests (the least-observed
-ones, kept for the whole probe): the others decode one token in the same target pass, so the probe's extra
-target rows are k·γ instead of b·γ and the catch-up covers k sequences; α is per draft token, so a few
-requests measure it as well as the whole batch.
+Decision (mode "adaptive"): the predicted speedup curve of the running batch (perf_model) gives a candidate argmax
+γ; the controller switches to it only when its predicted gain over the current γ exceeds ``hysteresis`` (relative;
+none for turning speculation off: a speculation predicted to lose is never kept) on ``confirm_steps`` consecutive
+steps, and the current γ has been kept ``min_dwell_steps`` steps. After ``reprobe_interval_steps`` steps without
+speculation, and at cold start, it runs ``probe_steps`` steps at ``probe_gamma`` so estimates refresh and an
+improved draft gets used again (``on_draft_updated()`` also schedules a probe); the decision right after a probe
+needs no confirmation. A probe is not free: its steps cost more than plain ones where speculation does not pay, and
+the draft must first catch up on every position decoded since it last ran (a draft prefill over batch × interval
+tokens). So each probe that leaves speculation off multiplies the interval by ``reprobe_backoff`` (up to
+``reprobe_max_interval_steps``); a probe that turns speculation on, or a new draft, resets it. At large batches a
+probe drafts for only ``probe_max_requests`` of the running requests (the least-observed ones, kept for the whole
+probe): the others decode one token in the same target pass, so the probe's extra target rows are k·γ instead of
+b·γ and the catch-up covers k sequences; α is per draft token, so a few requests measure it as well as the whole
+batch.
+
+Cost model and live evidence (issue 21). The step costs come from an ``OnlineCostModel`` (online/cost_model.py):
+the start-up profile corrected by every timed decode step (a load factor shared by all shapes, a shape correction
+per target token count), so the decision follows the machine as it runs now. Drafting is charged by head rows only
+(``head_rows`` of observe; a hybrid drafter's suffix-index rows cost ~0), with the head's share of drafting rows
+as an EMA. While speculating, one step in ``plain_probe_interval_steps`` decodes plainly (a *plain probe*), so a
+``GoodputGuard`` holds live goodput of speculative and of plain steps under the same load: when speculation's
+stays below plain's (by ``guard_margin``) over the last ``guard_window_steps`` steps, with at least
+``guard_min_spec_samples`` / ``guard_min_plain_samples`` samples, speculation turns off (counted as a failed
+probe) and only a probe may turn it on again — the probe's steps re-teach the cost model what speculation costs
+now. ``draft_len_schedule`` is the γ per batch size the corrected model implies at the current α (the per-step
+decision is the argmax for the running batch). Per-row lengths (``row_gammas``): hints such as a drafter's
+confidence, capped by the step's γ, for the rows that draft.
 Pure Python, no torch. Request ids are strings (the scheduler's ids).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from tide_trt.config import ControllerConfig
+from tide_trt.online.cost_model import CostModelState, GoodputGuard, OnlineCostModel
 from tide_trt.online.perf_model import (
     LatencyProfile,
     argmax_gamma,
-    best_gamma,
     censored_trials,
+    draft_len_schedule,
     mean_expected_tokens,
-    step_cost_ratios,
 )
 
 logger = logging.getLogger(__name__)
 
 _MAX_TRACKED = 4096  # per-request estimates kept when forget() is not called
-_MEASURED_EMA = 0.1  # rate of the measured-speedup EMA (a metric only)
+_CATCH_UP_FREE = 2  # catch-up positions per drafting row a decode step carries anyway (after a plain probe: 1)
+_HEAD_SHARE_EMA = 0.1  # rate of the EMA of the head's share of drafting rows (hybrid drafters)
 _DRAFT_UPDATE_KEEP = 0.1  # weight kept by old estimates when a new draft is deployed
 _MIN_MASS = 1e-6  # discounted trial counts are not decayed below this (no underflow to 0/0)
 _PRIOR_TRIALS = 1.0  # weight (in trials) of prior_acceptance in the global estimate: a probe outweighs it
@@ -61,8 +75,8 @@ class ControllerState:
     gamma: int  # γ returned by the last choose_gamma (the probe γ while probing)
     committed_gamma: int  # γ the decision rule settled on
     global_alpha: float  # α̂ over all requests: discounted Σk / Σ(k + [k<γ]) (censored trials)
-    predicted_speedup: float  # of `gamma` for the last batch, vs plain decoding
-    measured_speedup: float | None  # EMA of measured tokens/s at `gamma` / profiled plain tokens/s
+    predicted_speedup: float  # of `gamma` for the last batch, vs plain decoding (corrected cost model)
+    measured_speedup: float | None  # live speculative goodput / live plain goodput over the guard's window
     steps: int
     steps_since_switch: int
     steps_without_speculation: int
@@ -73,6 +87,12 @@ class ControllerState:
     reprobe_interval: int  # steps without speculation before the next probe (backed off after failed probes)
     draft_limited: bool  # off for lack of acceptance although a better draft would pay (online training helps)
     tracked_requests: int
+    cost: CostModelState | None = None  # the online cost model: load factor, prediction errors
+    plain_probes: int = 0  # plain steps run while speculating (live plain goodput for the guard)
+    guard_offs: int = 0  # times the guard turned speculation off on live evidence
+    guard_samples: tuple[int, int] = (0, 0)  # speculative / plain goodput samples in the guard's window
+    head_share: float = 1.0  # EMA of the head's share of drafting rows
+    schedule: dict[int, int] = field(default_factory=dict)  # γ per batch size the corrected model implies now
 
 
 class AdaptiveController:
@@ -90,8 +110,17 @@ class AdaptiveController:
         prior = float(config.prior_acceptance)
         self._global = [prior * _PRIOR_TRIALS, _PRIOR_TRIALS]  # discounted [Σk, Σtrials]
         self._req: dict[str, list[float]] = {}  # request id -> discounted [Σk, Σtrials]
-        self._ratios: dict[int, list[float]] = {}
-        self._measured: dict[int, float] = {}
+        self.cost = OnlineCostModel(profile, config.cost_load_rate, config.cost_shape_rate, config.cost_error_rate)
+        self.guard = GoodputGuard(config.guard_window_steps, config.guard_min_spec_samples,
+                                  config.guard_min_plain_samples, config.guard_margin)
+        self._head_share = 1.0
+        self._kind = "plain"  # what the last emitted step was: "spec" | "plain" | "probe" (speculation probe)
+        self._spec_run = 0  # speculative steps since speculation turned on (plain probes every N of them)
+        self._plain_probes = 0
+        self._guard_offs = 0
+        self._guard_hold = False  # after a guard turn-off only a probe's verdict may turn speculation on
+        self._guard_strikes = 0  # guard turn-offs not yet followed by a whole window of speculation that paid
+        self._spec_since_guard = 0  # speculative steps since the last guard turn-off
         self._committed = 0
         self._last_gamma = 0
         self._predicted = 1.0
@@ -106,7 +135,6 @@ class AdaptiveController:
         self._probe_pending = config.mode == "adaptive" and self._probing_enabled()
         self._failed_probes = 0  # consecutive probes after which speculation stayed off
         self._last_batch = 0
-        self._headroom: dict[int, bool] = {}
         self._probe_members: list[str] = []  # requests the current probe drafts for (empty: all)
         self._drafting: frozenset[str] | None = None  # requests drafting at the γ last returned (None: all)
 
@@ -127,14 +155,16 @@ class AdaptiveController:
             return g
         return (est[0] + self._w * g) / (est[1] + self._w) if est[1] + self._w > 1e-12 else g
 
+    def cost_ratios(self, batch_size: int) -> list[float]:
+        """``r[γ] = P̂(b, 0) / P̂(b, γ)`` from the corrected cost model, head rows = b · head share."""
+        b = max(int(batch_size), 1)
+        plain = self.cost.step_seconds(b, 0)
+        heads = b * self._head_share
+        return [1.0] + [plain / self.cost.step_seconds(b, g, heads) for g in range(1, self.gamma_max + 1)]
+
     def speedup_curve(self, request_ids: Sequence[str]) -> list[float]:
-        """Predicted speedup vs plain decoding of each γ in 0..gamma_max for this batch."""
-        b = len(request_ids)
-        ratios = self._ratios.get(b)
-        if ratios is None:
-            ratios = step_cost_ratios(b, self.profile, self.gamma_max)
-            if len(self._ratios) < 1024:
-                self._ratios[b] = ratios
+        """Predicted speedup vs plain decoding of each γ in 0..gamma_max for this batch (corrected costs)."""
+        ratios = self.cost_ratios(len(request_ids))
         g = self.global_alpha
         means = mean_expected_tokens([self.acceptance(r, g) for r in request_ids], self.gamma_max)
         return [m * r for m, r in zip(means, ratios, strict=True)]
@@ -152,7 +182,7 @@ class AdaptiveController:
             return self._emit(0, 1.0)
         if mode == "static":
             curve = self.speedup_curve(request_ids)
-            return self._emit(self.static_gamma, curve[self.static_gamma])
+            return self._emit(self.static_gamma, curve[self.static_gamma], "spec")
         curve = self.speedup_curve(request_ids)
         self._since_switch += 1
         if self._probe_pending and self._committed == 0:
@@ -160,22 +190,56 @@ class AdaptiveController:
         if self._probe_left > 0:
             self._probe_left -= 1
             return self._emit_probe(request_ids, curve)
+        self._check_guard()
         self._decide(curve)
         if self._committed == 0:
+            self._spec_run = 0
             interval = self.reprobe_interval
             if interval > 0 and self._probing_enabled() and self._steps_off >= interval:
                 self._start_probe(f"{self._steps_off} steps without speculation")
                 self._probe_left -= 1
                 return self._emit_probe(request_ids, curve)
             self._steps_off += 1
-        else:
-            self._steps_off = 0
-        return self._emit(self._committed, curve[self._committed])
+            return self._emit(0, 1.0)
+        self._steps_off = 0
+        self._spec_run += 1
+        self._spec_since_guard += 1
+        if self._guard_strikes and self._spec_since_guard > self.guard.window_steps:
+            self._guard_strikes = 0  # a whole window of speculation the guard let pass: back-off forgiven
+        every = self.config.plain_probe_interval_steps
+        if every > 0 and self._spec_run % every == 0:  # a plain probe: live plain goodput under today's load
+            self._plain_probes += 1
+            return self._emit(0, 1.0)
+        return self._emit(self._committed, curve[self._committed], "spec")
+
+    def _check_guard(self) -> None:
+        """Turn speculation off when its live goodput has stayed below plain's over the guard's window."""
+        if self._committed == 0 or self.config.plain_probe_interval_steps <= 0:
+            return
+        if not self.guard.speculation_loses(self._steps):
+            return
+        n_spec, n_plain = self.guard.counts(self._steps)
+        logger.info("guard: speculation at gamma=%d measured %.3fx plain over the last %d steps (%d/%d samples); "
+                    "off until a probe says otherwise", self._committed, self.guard.measured_speedup(self._steps)
+                    or 0.0, self.guard.window_steps, n_spec, n_plain)
+        self._committed = 0
+        self._since_switch = 0
+        self._streak = 0
+        self._switches += 1
+        self._guard_offs += 1
+        self._guard_strikes += 1  # a probe that turns speculation on again does not reset this back-off
+        self._spec_since_guard = 0
+        self._guard_hold = True
+        self._steps_off = 0
+        self.guard.clear_speculative()
 
     def _decide(self, curve: list[float]) -> None:
         cur = self._committed
         cand = argmax_gamma(curve)
-        if cand != cur and curve[cand] > curve[cur] * (1.0 + self.config.hysteresis):
+        # turning speculation off needs no margin: plain decoding is the floor, and a speculation predicted to
+        # lose (curve[cur] < 1) is not kept by the hysteresis band; switching on or between γs needs the margin
+        margin = 0.0 if cand == 0 else self.config.hysteresis
+        if cand != cur and curve[cand] > curve[cur] * (1.0 + margin):
             self._streak += 1
         else:
             self._streak = 0
@@ -183,6 +247,10 @@ class AdaptiveController:
         judging_probe = self._after_probe
         need = 1 if judging_probe else max(self.config.confirm_steps, 1)
         self._after_probe = False
+        if judging_probe:
+            self._guard_hold = False
+        elif self._guard_hold and cur == 0:
+            self._streak = 0  # the guard saw speculation lose: the model alone may not turn it back on
         if self._streak >= need and self._since_switch >= self.config.min_dwell_steps:
             self._streak = 0
             logger.debug("gamma %d -> %d (predicted %.3f -> %.3f)", cur, cand, curve[cur], curve[cand])
@@ -198,13 +266,18 @@ class AdaptiveController:
         with α = 0.8 the cost model predicts a gain above the hysteresis. Online training can fix this case."""
         if self.config.mode != "adaptive" or self._committed != 0 or self._probe_left > 0 or self._last_batch < 1:
             return False
-        b = self._last_batch
-        if b not in self._headroom:
-            if len(self._headroom) >= 1024:
-                self._headroom.clear()
-            _, best = best_gamma([_GOOD_DRAFT_ALPHA], b, self.profile, self.gamma_max)
-            self._headroom[b] = best > 1.0 + self.config.hysteresis
-        return self._headroom[b]
+        means = mean_expected_tokens([_GOOD_DRAFT_ALPHA], self.gamma_max)
+        best = max(m * r for m, r in zip(means, self.cost_ratios(self._last_batch), strict=True))
+        return best > 1.0 + self.config.hysteresis
+
+    def draft_len_schedule(self, batch_sizes: Sequence[int] | None = None, alpha: float | None = None
+                           ) -> dict[int, int]:
+        """γ per batch size the corrected cost model implies at acceptance α (default: the global estimate),
+        for the profiled batch sizes by default: TRT-LLM's draft_len_schedule, derived instead of configured."""
+        sizes = list(batch_sizes) if batch_sizes is not None else list(self.profile.draft_s)
+        a = self.global_alpha if alpha is None else alpha
+        return draft_len_schedule(a, lambda b, g: self.cost.step_seconds(b, g, b * self._head_share),
+                                  self.gamma_max, sizes)
 
     @property
     def reprobe_interval(self) -> int:
@@ -212,7 +285,7 @@ class AdaptiveController:
         base = self.config.reprobe_interval_steps
         if base <= 0:
             return base
-        backoff = self.config.reprobe_backoff ** max(self._failed_probes - 1, 0)
+        backoff = self.config.reprobe_backoff ** max(self._failed_probes + self._guard_strikes - 1, 0)
         return int(min(base * backoff, max(self.config.reprobe_max_interval_steps, base)))
 
     def _start_probe(self, why: str) -> None:
@@ -238,15 +311,33 @@ class AdaptiveController:
                 members += others[: k - len(members)]
             self._probe_members = members
             self._drafting = frozenset(members)
-        return self._emit(self.probe_gamma, curve[self.probe_gamma])
+        return self._emit(self.probe_gamma, curve[self.probe_gamma], "probe")
+
+    @property
+    def last_gamma(self) -> int:
+        """γ returned by the last choose_gamma."""
+        return self._last_gamma
 
     def drafting(self, request_ids: Sequence[str]) -> Collection[str] | None:
         """The requests that draft at the γ last returned by choose_gamma: a probe's members, else None (all)."""
         return self._drafting
 
-    def _emit(self, gamma: int, predicted: float) -> int:
+    def row_gammas(self, request_ids: Sequence[str], hints: Mapping[str, int] | None) -> dict[str, int] | None:
+        """Per-row draft lengths for the step choose_gamma just planned: a hint per request (e.g. from the
+        drafter's confidence; 0 = this row decodes plainly), capped by the step's γ, for the rows that draft.
+        None (every row at the step's γ) when the step does not speculate or no hint applies: a hint never
+        turns speculation on, lengthens a row past what the controller chose, or makes a probe's non-member draft."""
+        if not hints or self._last_gamma <= 0:
+            return None
+        drafting = self._drafting
+        out = {rid: min(max(int(hints[rid]), 0), self._last_gamma) for rid in request_ids
+               if rid in hints and (drafting is None or rid in drafting)}
+        return out or None
+
+    def _emit(self, gamma: int, predicted: float, kind: str = "plain") -> int:
         self._last_gamma = gamma
         self._predicted = predicted
+        self._kind = kind if gamma > 0 else "plain"
         return gamma
 
     def request_probe(self) -> None:
@@ -259,8 +350,9 @@ class AdaptiveController:
             est[0] *= _DRAFT_UPDATE_KEEP
             est[1] *= _DRAFT_UPDATE_KEEP
         self._global = [v * _DRAFT_UPDATE_KEEP for v in self._global]
-        self._measured.clear()
+        self.guard.clear_speculative()  # the old draft's goodput says nothing about the new one
         self._failed_probes = 0
+        self._guard_strikes = 0
         self.request_probe()
 
     # ------------------------------------------------------------------ observations
@@ -270,16 +362,21 @@ class AdaptiveController:
         gamma: int | Sequence[int],
         num_accepted: Sequence[int],
         step_seconds: float | None = None,
+        head_rows: int | None = None,
+        catch_up: int = 0,
     ) -> None:
         """Record one verification step: ``num_accepted[i]`` of the ``gamma`` (or ``gamma[i]``: a probe drafts for
-        some requests only) drafts kept for request i. The step time feeds the measured speedup when every
-        request drafted the same γ."""
+        some requests only, a drafter may size rows itself) drafts kept for request i. ``step_seconds`` (None: not
+        a decode-only step) corrects the cost model and feeds the guard; ``head_rows``: rows the draft head
+        drafted (None: every drafting row; rows drafted by a suffix index alone cost ~0 draft time). ``catch_up``:
+        positions the draft caught up on first (after a prompt or an off period); a step with more than
+        ``_CATCH_UP_FREE`` per drafting row ran a draft prefill the cost model does not describe, so it is not fed
+        to the model (nor to its error) — the guard still counts it: it is part of speculation's real cost."""
         if len(num_accepted) != len(request_ids):
             raise ValueError(f"{len(request_ids)} request ids but {len(num_accepted)} accepted counts")
         gammas = [int(gamma)] * len(request_ids) if isinstance(gamma, int) else [int(g) for g in gamma]
         if len(gammas) != len(request_ids):
             raise ValueError(f"{len(request_ids)} request ids but {len(gammas)} draft lengths")
-        uniform = len(set(gammas)) <= 1
         keep_r = 1.0 - self.config.ema_short
         tot_k = tot_t = 0
         for rid, g, k_raw in zip(request_ids, gammas, num_accepted, strict=True):
@@ -301,12 +398,20 @@ class AdaptiveController:
         keep_g = 1.0 - self.config.ema_long if self._global[1] > _MIN_MASS else 1.0
         self._global[0] = self._global[0] * keep_g + tot_k
         self._global[1] = self._global[1] * keep_g + tot_t
-        if step_seconds and step_seconds > 0.0 and request_ids and uniform:
+        drafting_rows = sum(1 for g in gammas if g > 0)
+        heads = drafting_rows if head_rows is None else min(max(int(head_rows), 0), drafting_rows)
+        if drafting_rows:
+            self._head_share += _HEAD_SHARE_EMA * (heads / drafting_rows - self._head_share)
+        if step_seconds and step_seconds > 0.0 and request_ids:
             b = len(request_ids)
+            if catch_up <= _CATCH_UP_FREE * drafting_rows:
+                self.cost.observe(sum(gammas) + b, max(gammas), heads, step_seconds)
             tokens = tot_k + b  # accepted + one recovered/bonus token per request
-            ratio = tokens * self.profile.target(b) / (b * step_seconds)
-            old = self._measured.get(gammas[0])
-            self._measured[gammas[0]] = ratio if old is None else old + _MEASURED_EMA * (ratio - old)
+            rate = GoodputGuard.normalised_rate(tokens, b, step_seconds, self.profile.target(b))
+            if drafting_rows == 0:
+                self.guard.add(False, self._steps, rate)
+            elif self._kind == "spec":  # a probe's steps (few rows, catch-up) are not speculation's goodput
+                self.guard.add(True, self._steps, rate)
 
     def forget(self, request_id: str) -> None:
         """Drop a finished request's estimate."""
@@ -319,7 +424,7 @@ class AdaptiveController:
             committed_gamma=self._committed,
             global_alpha=self.global_alpha,
             predicted_speedup=self._predicted,
-            measured_speedup=self._measured.get(self._last_gamma),
+            measured_speedup=self.guard.measured_speedup(self._steps),
             steps=self._steps,
             steps_since_switch=self._since_switch,
             steps_without_speculation=self._steps_off,
@@ -330,4 +435,10 @@ class AdaptiveController:
             reprobe_interval=self.reprobe_interval,
             draft_limited=self.draft_limited,
             tracked_requests=len(self._req),
+            cost=self.cost.snapshot(),
+            plain_probes=self._plain_probes,
+            guard_offs=self._guard_offs,
+            guard_samples=self.guard.counts(self._steps),
+            head_share=self._head_share,
+            schedule=self.draft_len_schedule() if self.gamma_max > 0 else {},
         )

@@ -22,7 +22,7 @@ import bisect
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -222,3 +222,17 @@ def best_gamma(
     curve = speedup_curve(alphas, batch_size, profile, gamma_max)
     g = argmax_gamma(curve)
     return g, curve[g]
+
+
+def draft_len_schedule(alpha: float, step_seconds: Callable[[int, int], float], gamma_max: int,
+                       batch_sizes: Iterable[int]) -> dict[int, int]:
+    """γ per batch size that maximises ``E[l](α, γ) · P(b, 0) / P(b, γ)`` (``step_seconds(b, γ)`` = P(b, γ), the
+    seconds of one step of b rows at γ): the draft-length schedule the cost model implies (TRT-LLM configures its
+    ``draft_len_schedule`` by hand; here it follows α and the costs as they are measured). 0 = plain decoding."""
+    out: dict[int, int] = {}
+    for b in sorted({max(int(x), 1) for x in batch_sizes}):
+        plain = step_seconds(b, 0)
+        curve = [1.0] + [expected_tokens_per_step(alpha, g) * plain / step_seconds(b, g)
+                         for g in range(1, max(gamma_max, 0) + 1)]
+        out[b] = argmax_gamma(curve)
+    return out

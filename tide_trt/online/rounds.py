@@ -19,6 +19,7 @@ class RoundRecord:
     deploy: bool
     pause_collection: bool
     reason: str  # "improved" | "plateau" | "no_improvement"
+    why: str = ""  # the decision in words, with its numbers (why a round did or did not deploy)
     gain: float = 0.0  # eval α of the new draft − the baseline α
     required_gain: float = 0.0
     baseline: str = ""  # what the gain is measured against: "served" | "parent_eval" | "max"

@@ -33,7 +33,7 @@ from tide_trt.draft.eagle3 import Eagle3Head
 from tide_trt.engine.base import ModelInfo, default_capture_layers
 from tide_trt.errors import CheckpointError, TideError
 from tide_trt.kernels import fast_bf16_matmul
-from tide_trt.online.drift import TrainingGate
+from tide_trt.online.drift import Decision, TrainingGate
 from tide_trt.online.rounds import RoundRecord
 from tide_trt.online.signals import STORE_DTYPES, SignalSequence, read_shard
 from tide_trt.online.store import DraftStore, SignalStore
@@ -156,6 +156,31 @@ def gate_baseline(tc: TrainerConfig, served: float | None, served_trials: int, p
     return served, "served", served_trials
 
 
+def explain_decision(decision: Decision, eval_alpha: float, baseline: float, kind: str, eval_trials: int,
+                     baseline_trials: int, gate: TrainingGate, served_trials: int,
+                     min_served_trials: int | None) -> str:
+    """One sentence for the round record: what was compared, the margin it had to beat and where that margin
+    came from, and what the server does next."""
+    se_part = ""
+    if eval_trials and baseline_trials:
+        z_se = gate.z * 0.5 * math.sqrt(1.0 / eval_trials + 1.0 / baseline_trials)
+        se_part = (f" = max(gate_min_gain {gate.min_gain:.3f}, z·SE {z_se:.3f} over {eval_trials} held-out and "
+                   f"{baseline_trials} baseline trials)")
+    fell_back = ""
+    if kind == "parent_eval" and min_served_trials is not None and served_trials < min_served_trials:
+        fell_back = (f"; the served requests drafted only {served_trials} trials (< gate_min_served_trials "
+                     f"{min_served_trials}), so the old draft's held-out acceptance is the baseline")
+    compared = (f"held-out acceptance {eval_alpha:.3f} vs {kind} baseline {baseline:.3f}: gain {decision.gain:+.3f}, "
+                f"required > {decision.required_gain:.3f}{se_part}{fell_back}")
+    if not decision.deploy:
+        what = "worse than" if decision.gain <= 0 else "within the noise of"
+        return f"not deployed: the new draft is {what} the baseline ({compared}); signal collection paused"
+    if decision.reason == "plateau":
+        return (f"deployed ({compared}); gain below plateau_min_gain {gate.plateau_min_gain:.3f} for "
+                f"{gate.plateau_rounds} rounds in a row: signal collection paused")
+    return f"deployed ({compared})"
+
+
 @dataclass
 class RoundResult:
     record: RoundRecord  # the rounds.jsonl line (round, parent, version and shards filled in by the trainer)
@@ -180,8 +205,10 @@ def train_round(head: Eagle3Head, train: list[SignalSequence], held: list[Signal
             "train_tokens": sum(s.num_tokens for s in train),
             "heldout_tokens": sum(s.num_tokens for s in held),
             "train_label_tokens": sum(s.num_label_tokens(tc.train_on_prompt) for s in train)}
+    why = explain_decision(decision, new_eval.alpha, baseline, kind, int(new_eval.trials), n_base, gate,
+                           served_trials, tc.gate_min_served_trials if tc.gate_baseline != "parent" else None)
     record = RoundRecord(deploy=decision.deploy, pause_collection=decision.pause_collection,
-                         reason=decision.reason, gain=decision.gain, required_gain=decision.required_gain,
+                         reason=decision.reason, why=why, gain=decision.gain, required_gain=decision.required_gain,
                          baseline=kind, eval_acceptance=new_eval.alpha, eval=new_eval.as_dict(),
                          parent_eval_acceptance=parent_eval.alpha, parent_eval=parent_eval.as_dict(),
                          served_acceptance=served, served_trials=served_trials, data=data, training=history)
