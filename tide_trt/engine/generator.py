@@ -231,6 +231,12 @@ class SpeculativeGenerator:
         drafter = self.drafter
         lookup_gamma = drafter.lookup_gamma if drafter.lookup_ngram > 0 and drafter.suffix is None else 0
         out = []
+        index_cap = 0
+        if drafter.suffix is not None:
+            # index rows draft up to max_draft while the step stays small (memory-bound: extra verification tokens
+            # are nearly free); as the batch grows the step turns compute-bound, so a row's index draft is capped to
+            # keep the step near max_draft + 1 tokens, and never below the step's γ
+            index_cap = max(gamma, (drafter.suffix.config.max_draft + 1) // len(running) - 1)
         for s in running:
             rid = s.request.request_id
             g = gamma if drafting is None or rid in drafting else 0
@@ -239,8 +245,8 @@ class SpeculativeGenerator:
             if g > 0 and drafter.suffix is not None:  # a confident index row drafts its own γᵢ at no draft cost
                 prop = drafter.index_draft(s.slot, s.tokens)
                 if prop is not None:
-                    looked_up[s.slot] = list(prop.tokens)
-                    g = len(prop)
+                    looked_up[s.slot] = list(prop.tokens[:index_cap])
+                    g = min(len(prop), index_cap)
             elif g > 0 and lookup_gamma > 0 and (overrides is None or rid not in overrides):
                 looked_up[s.slot] = lk = self.drafter.lookup(s.tokens, lookup_gamma)
                 if lk is not None:
