@@ -111,6 +111,9 @@ def test_corpus_preload(tmp_path) -> None:
     assert prop is not None and prop.tokens == (5, 6)
     with pytest.raises(TideError, match="no corpus file"):
         build_suffix_drafter(SuffixConfig(preload=str(tmp_path / "missing.npz")), 2, 64)
+    (tmp_path / "notes.npz").write_bytes(b"not a corpus")
+    with pytest.raises(TideError, match="not a token corpus"):
+        build_suffix_drafter(SuffixConfig(preload=str(tmp_path / "notes.npz")), 2, 64)
     assert build_suffix_drafter(SuffixConfig(enabled=False), 2, 64) is None
 
 

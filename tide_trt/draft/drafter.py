@@ -111,13 +111,13 @@ class ChainDrafter:
             return None
         return lookup_continuation(np.asarray(history), self.lookup_ngram, gamma)
 
-    def index_draft(self, slot: int, tokens: list[int]) -> SuffixProposal | None:
-        """The suffix index's draft for this row when it is confident enough to skip the head (its first token's
-        confidence >= draft.suffix.prefer_confidence); None: the head drafts this row."""
+    def index_draft(self, slot: int, tokens: list[int], max_len: int) -> SuffixProposal | None:
+        """The suffix index's draft for this row (at most `max_len` tokens) when it is confident enough to skip the
+        head (its first token's confidence >= draft.suffix.prefer_confidence); None: the head drafts this row."""
         if self.suffix is None:
             return None
         cfg = self.suffix.config
-        prop = self.suffix.propose(slot, tokens, cfg.max_draft)
+        prop = self.suffix.propose(slot, tokens, min(max_len, cfg.max_draft))
         if prop is None or prop.confidence[0] < cfg.prefer_confidence:
             return None
         return prop

@@ -66,11 +66,6 @@ class SuffixProposal:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    @property
-    def expected_accepted(self) -> float:
-        """Expected accepted tokens if all are drafted (sum of cumulative path probabilities)."""
-        return float(sum(self.confidence))
-
 
 class SuffixIndex:
     """A bounded index of token sequences (thin typed wrapper over the native one)."""
@@ -126,7 +121,6 @@ class SuffixDrafter:
         self._request: list[SuffixIndex | None] = [None] * max_slots
         self._indexed = [0] * max_slots  # tokens of the slot's sequence already in its request index
         self.sequences_indexed = 0
-        self.prefer_longer_match = True  # a longer global match beats the request's own (else: request first)
         self._context_len = max(max(config.orders), max(config.request_orders))
 
     # ---- the global index ---------------------------------------------------------------------------------
@@ -182,7 +176,7 @@ class SuffixDrafter:
         """The row's continuation, or None: the longer match of its own sequence and the global index (a tie goes to
         its own sequence: a repeat inside the answer is the stronger evidence).
         tokens: the row's whole sequence so far (prompt + output); its request index catches up on the new ones.
-        sources: "hybrid" (both, request first) | "request" | "global" (benchmarks compare them)."""
+        sources: "hybrid" (both, the longer match) | "request" | "global" (benchmarks compare them)."""
         if max_len < 1:
             return None
         idx = self._sync(slot, tokens)
@@ -198,7 +192,7 @@ class SuffixDrafter:
         with self._lock:
             toks, conf, order = self.global_index.propose(context, max_len, min_conf)
         glob = SuffixProposal(tuple(toks), tuple(conf), order, "global") if toks else None
-        if own is None or (glob is not None and self.prefer_longer_match and glob.order > own.order):
+        if own is None or (glob is not None and glob.order > own.order):
             return glob
         return own
 
@@ -213,7 +207,7 @@ SHIPPED_CORPUS = Path(__file__).resolve().parents[1] / "assets" / "suffix" / "sh
 def corpus_sequences(path: str | Path, include_sampled: bool = True) -> list[np.ndarray]:
     """Prompt + answer token sequences [L] int32 of a self-distillation corpus (`../shared/data` layout:
     `prompt_flat/prompt_off`, `greedy_*` and optionally `sampled_*` answers with their prompt indices)."""
-    with np.load(path) as d:
+    with np.load(path, allow_pickle=False) as d:
         po, pf = d["prompt_off"], d["prompt_flat"]
         out: list[np.ndarray] = []
         kinds = ["greedy"] + (["sampled"] if include_sampled and "sampled_resp_flat" in d.files else [])
@@ -244,7 +238,14 @@ def build_suffix_drafter(config: SuffixConfig, max_slots: int, max_seq_len: int)
 
             raise ConfigError(f"draft.suffix.preload: no corpus file at {source}")
         t0 = time.perf_counter()
-        n = drafter.preload(corpus_sequences(source))
+        try:
+            sequences = corpus_sequences(source)
+        except (KeyError, ValueError, OSError) as exc:
+            from tide_trt.errors import ConfigError
+
+            raise ConfigError(f"draft.suffix.preload: {source} is not a token corpus (.npz with prompt_flat/"
+                              f"prompt_off/greedy_* arrays): {exc}") from exc
+        n = drafter.preload(sequences)
         log.info("suffix index: %d tokens of %s indexed in %.1f s (%.0f MB)", n, Path(source).name,
                  time.perf_counter() - t0, drafter.global_index.memory_bytes / 1e6)
     return drafter

@@ -243,10 +243,10 @@ class SpeculativeGenerator:
             if overrides is not None and rid in overrides:
                 g = overrides[rid]
             if g > 0 and drafter.suffix is not None:  # a confident index row drafts its own γᵢ at no draft cost
-                prop = drafter.index_draft(s.slot, s.tokens)
+                prop = drafter.index_draft(s.slot, s.tokens, index_cap)
                 if prop is not None:
-                    looked_up[s.slot] = list(prop.tokens[:index_cap])
-                    g = min(len(prop), index_cap)
+                    looked_up[s.slot] = list(prop.tokens)
+                    g = len(prop)
             elif g > 0 and lookup_gamma > 0 and (overrides is None or rid not in overrides):
                 looked_up[s.slot] = lk = self.drafter.lookup(s.tokens, lookup_gamma)
                 if lk is not None:
@@ -276,12 +276,14 @@ class SpeculativeGenerator:
         self.last_step_draft_rows = (len(head_rows), len(index_rows))
         self._index_slots = {s.slot for s, _ in index_rows}
         head = self._propose_head(head_rows, {})
+        if not index_rows:
+            return head
         tokens = dict(head.tokens)
-        for s, g in index_rows:
-            tokens[s.slot] = list(looked_up[s.slot] or [])[:g]
+        for s, _ in index_rows:
+            tokens[s.slot] = looked_up[s.slot] or []  # already cut to the row's γᵢ by _row_gammas
         order = [s.slot for s, _ in drafting]
-        if not index_rows or all(s.request.sampling.is_greedy for s, _ in drafting):
-            return _Proposal(tokens, head.probs if not index_rows else None, head.order if not index_rows else order)
+        if all(s.request.sampling.is_greedy for s, _ in drafting):
+            return _Proposal(tokens, None, order)
         gmax = max(g for _, g in drafting)
         vocab = self.engine.info.vocab_size
         probs = torch.zeros(len(order), gmax, vocab, device=self.engine.info.device)  # [D, γmax, V]
@@ -327,6 +329,7 @@ class SpeculativeGenerator:
         tokens = proposal.tokens.tolist()
         return _Proposal({s.slot: tokens[j] for j, s in enumerate(drafting)}, proposal.probs,
                          [s.slot for s in drafting])
+
     def _commit_step(self, batch: StepBatch, out: StepOutput, running: list[SequenceState], row_gammas: list[int],
                      chunks: list[tuple[SequenceState, int]], proposal: _Proposal) -> list[StepEvent]:
         """Verify every row that has logits (decode/verification rows, completed prompts) in one call, then commit."""
