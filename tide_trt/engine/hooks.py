@@ -88,7 +88,7 @@ def run_step(generator: SpeculativeGenerator, policy: GammaPolicy, plugins: Sequ
     for p in plugins:
         p.before_step(generator)
     t0 = time.perf_counter()
-    events = generator.step(gamma, drafting, gammas or None)
+    events = generator.step(gamma, drafting, gammas) if gammas else generator.step(gamma, drafting)
     seconds = time.perf_counter() - t0
     for p in plugins:
         p.after_step(generator, gamma, events, seconds)
