@@ -31,7 +31,7 @@ def _prefill(engine, seqs, batch_tokens: int) -> tuple[float, list[torch.Tensor]
 
     t0 = time.perf_counter()
     results = prefill_sequences(engine, seqs, batch_tokens)
-    return time.perf_counter() - t0, [labels for _, labels in results]
+    return time.perf_counter() - t0, [r.labels for r in results]
 
 
 def bench_prefill(corpus_path: str, n_seqs: int, rounds: int, batch_tokens: int, max_len: int) -> dict:

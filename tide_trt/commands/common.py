@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from dataclasses import replace
 
 from tide_trt.config import TideConfig, load_config
@@ -28,3 +30,8 @@ def config_from_args(args: argparse.Namespace) -> TideConfig:
                                                           ("weights", "weights"))
               if getattr(args, a, None)}
     return replace(cfg, engine=replace(cfg.engine, **engine)) if engine else cfg
+
+
+def command_line() -> str:
+    """This process's command line as the user typed it (`tide ...`), for manifests."""
+    return "tide " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("tide") else shlex.join(sys.argv)

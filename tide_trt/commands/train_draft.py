@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from tide_trt.commands.common import add_config_args, config_from_args
+from tide_trt.commands.common import add_config_args, command_line, config_from_args
 from tide_trt.commands.train_draft_corpus import add_corpus_args, run_corpus
 from tide_trt.errors import TideError
 
@@ -76,10 +74,6 @@ def _prompt_ids(tokenizer, conv, max_len: int) -> list[int]:
         ids = ids["input_ids"]
     ids = list(ids)
     return ids if len(ids) <= max_len else []
-
-
-def command_line() -> str:
-    return "tide " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("tide") else shlex.join(sys.argv)
 
 
 def _collect_examples(args: argparse.Namespace, engine) -> tuple[list, list[dict]]:

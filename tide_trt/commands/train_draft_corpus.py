@@ -1,22 +1,19 @@
-"""`tide train-draft --data corpus`: train the EAGLE-3 draft on a token corpus (prompt + answer sequences).
+"""`tide train-draft --data corpus`: a thin front of the corpus training pipeline (`tide_trt.training.pipeline`).
 
-Two resumable phases, both under `--state-cache` / `--work-dir` (scratch, never committed):
-1. prefill: the serving target's prefill over the corpus sequences writes capture states + the target's own labels
-   into shard caches (`tide_trt.training.corpus_prefill`);
-2. training: the training-time-test objective over those shards with bounded RAM, checkpointed every few minutes
-   (`tide_trt.training.corpus_train`). Stop at any time; the same command with `--resume` continues exactly.
+It parses the arguments into a `CorpusPipelineConfig` (`pipeline_config`) and runs `run_corpus_pipeline`: corpus ->
+prefill cache -> vocabulary -> head -> train -> evaluate -> write draft, resumable (`--resume`) under
+`--state-cache` / `--work-dir` (scratch, never committed).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
-import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tide_trt.errors import TideError
+if TYPE_CHECKING:
+    from tide_trt.training.pipeline import CorpusPipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,101 +48,45 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-train-steps", type=int, default=None,
                    help="stop (checkpointed) after this many optimizer steps in this run; --resume continues")
     g.add_argument("--pool-shards", type=int, default=4, help="shards held in RAM at once while training")
+    g.add_argument("--loss", choices=["soft", "hard"], default="soft",
+                   help="soft: cross-entropy to the target's top-K distribution over the draft vocabulary (as "
+                        "EAGLE-3 / SpecForge train); hard: to the target's argmax label")
+    g.add_argument("--soft-top-k", type=int, default=16, help="top-K soft labels stored per position at prefill")
+    g.add_argument("--capture-norm", action="store_true",
+                   help="a fresh head RMS-normalises each capture layer's state before the FC (kept in the draft)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine schedule ends at lr * this")
+    g.add_argument("--warmup-steps", type=int, default=50, help="linear learning-rate warm-up steps")
+    g.add_argument("--log-every-steps", type=int, default=50, help="a learning-curve line in the log every N steps")
+
+
+def pipeline_config(args: argparse.Namespace) -> CorpusPipelineConfig:
+    """The parsed arguments as the pipeline's config (nothing else happens here)."""
+    from tide_trt.commands.common import command_line, config_from_args
+    from tide_trt.training.corpus_train import CorpusTrainSettings
+    from tide_trt.training.pipeline import CorpusDataConfig, CorpusPipelineConfig, EvalConfig, HeadConfig
+
+    cfg = config_from_args(args)
+    return CorpusPipelineConfig(
+        model=cfg.model, engine=cfg.engine, out=args.out,
+        data=CorpusDataConfig(
+            corpus=args.corpus, greedy_sequences=args.greedy_sequences, sampled_sequences=args.sampled_sequences,
+            heldout_sequences=args.heldout_sequences, heldout_every=args.heldout_every, max_seq_len=args.max_seq_len,
+            state_cache=args.state_cache, prefill_numerics=args.prefill_numerics, soft_top_k=args.soft_top_k),
+        head=HeadConfig(init=args.init, draft_vocab=args.draft_vocab, capture_norm=args.capture_norm),
+        train=CorpusTrainSettings(
+            epochs=args.epochs, batch_size=args.batch_size, chunk_len=args.chunk_len, lr=args.lr,
+            warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, loss=args.loss,
+            ttt_steps=args.ttt_steps, pool_shards=args.pool_shards, seed=args.seed, device=cfg.engine.device,
+            checkpoint_minutes=args.checkpoint_minutes, log_every_steps=args.log_every_steps),
+        eval=EvalConfig(gammas=tuple(args.eval_gammas), sequences=args.eval_sequences,
+                        every_epoch=args.eval_every_epoch),
+        work_dir=args.work_dir, resume=args.resume, prefill_only=args.prefill_only,
+        max_train_seconds=args.max_train_seconds, max_train_steps=args.max_train_steps, command=command_line())
 
 
 def run_corpus(args: argparse.Namespace) -> int:
-    import torch
+    from tide_trt.training.pipeline import run_corpus_pipeline
 
-    from tide_trt.commands.common import config_from_args
-    from tide_trt.commands.train_draft import command_line
-    from tide_trt.draft.checkpoint import load_draft, save_draft
-    from tide_trt.runtime import resolve_draft_path
-    from tide_trt.training.corpus import load_corpus
-    from tide_trt.training.corpus_prefill import prefill_corpus, prefill_engine
-    from tide_trt.training.corpus_train import CorpusTrainSettings, evaluate_shards, train_on_shards
-    from tide_trt.training.offline import new_head
-    from tide_trt.training.state_cache import shard_label_counts
-    from tide_trt.training.vocab import build_draft_vocab, t2d_from_d2t
-
-    if args.greedy_sequences < 0 or args.sampled_sequences < 0 or args.greedy_sequences + args.sampled_sequences < 1:
-        raise TideError("need --greedy-sequences + --sampled-sequences >= 1 (and neither negative)")
-    if args.heldout_sequences < 1 or args.heldout_every < 2:
-        raise TideError("need --heldout-sequences >= 1 and --heldout-every >= 2")
-    if not 8 < args.chunk_len <= args.max_seq_len:
-        raise TideError("need 8 < --chunk-len <= --max-seq-len")
-    cfg = config_from_args(args)
-    device = cfg.engine.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TideError(f"--device {device} but CUDA is not available")
-    torch.manual_seed(args.seed)
-    corpus = load_corpus(args.corpus)
-    t0 = time.perf_counter()
-    engine = prefill_engine(cfg.model, cfg.engine, args.prefill_numerics, args.max_seq_len)
-    common = {"numerics": args.prefill_numerics, "heldout_every": args.heldout_every, "max_len": args.max_seq_len}
-    heldout = prefill_corpus(engine, corpus, "greedy", "heldout", args.heldout_sequences, args.state_cache, **common)
-    train: list[Path] = []
-    for kind, n in (("greedy", args.greedy_sequences), ("sampled", args.sampled_sequences)):
-        if n:
-            train += prefill_corpus(engine, corpus, kind, "train", n, args.state_cache, **common)
-    prefill_s = time.perf_counter() - t0
-    info, embed = engine.info, engine.embedding_weight()
-    if args.prefill_only:
-        print(json.dumps({"train_shards": len(train), "heldout_shards": len(heldout), "seconds": prefill_s}))
-        return 0
-
-    parent_manifest: dict = {}
-    if args.init:
-        init = resolve_draft_path(args.init)
-        if init is None:
-            raise TideError("--init needs a draft checkpoint directory or a shipped draft name")
-        head, parent_manifest = load_draft(init, info, embed)
-        head = head.float()
-        t2d = t2d_from_d2t(head.d2t, info.vocab_size)
-    else:
-        counts = shard_label_counts(train, info.vocab_size)
-        d2t, t2d = build_draft_vocab(counts, args.draft_vocab)
-        head = new_head(engine, d2t)
-    heldout_counts = shard_label_counts(heldout, info.vocab_size)  # [V]
-    coverage = float(heldout_counts[head.d2t].sum() / heldout_counts.sum().clamp(min=1))
-    del engine  # the target's weights are not needed for training; free the RAM
-    settings = CorpusTrainSettings(
-        epochs=args.epochs, batch_size=args.batch_size, chunk_len=args.chunk_len, lr=args.lr,
-        ttt_steps=args.ttt_steps, pool_shards=args.pool_shards, seed=args.seed, device=device,
-        checkpoint_minutes=args.checkpoint_minutes)
-    work = Path(args.work_dir or f"{args.out}.work")
-    data_meta = {"corpus": str(corpus.path), "corpus_sha256_16": corpus.fingerprint, "init": args.init,
-                 "draft_vocab": int(head.d2t.numel())}
-    def epoch_eval(epoch: int, h) -> dict:
-        r = evaluate_shards(h, t2d, heldout, device, (3,), max_sequences=args.eval_sequences)["3"]
-        log.info("after epoch %d: held-out τ(γ=3) %.3f, α %.3f", epoch + 1, r.tau, r.alpha)
-        return {"tau_gamma3": r.tau, "alpha_gamma3": r.alpha}
-
-    history = train_on_shards(head, t2d, train, settings, work, resume=args.resume, meta=data_meta,
-                              max_seconds=args.max_train_seconds, max_steps=args.max_train_steps,
-                              on_epoch_end=epoch_eval if args.eval_every_epoch else None)
-    if not history["finished"]:
-        log.info("stopped at step %d of %d: run the same command with --resume to continue", history["step"],
-                 history["total_steps"])
-        print(json.dumps(history, indent=2))
-        return 0
-    report = evaluate_shards(head, t2d, heldout, device, tuple(args.eval_gammas), max_sequences=args.eval_sequences)
-    manifest = {
-        "version": 0, "parent": args.init, "parent_manifest_command": parent_manifest.get("command"),
-        "trained_by": "tide train-draft --data corpus (recompute path over a token corpus)",
-        "command": command_line(),
-        "data": {"corpus": str(corpus.path), "corpus_sha256_16": corpus.fingerprint, "corpus_meta": corpus.meta,
-                 "greedy_sequences": args.greedy_sequences, "sampled_sequences": args.sampled_sequences,
-                 "heldout_sequences": args.heldout_sequences, "heldout_every": args.heldout_every,
-                 "max_seq_len": args.max_seq_len, "prefill_numerics": args.prefill_numerics,
-                 "train_positions": history["train_positions"], "corpus_positions": history["corpus_positions"]},
-        "settings": dataclasses.asdict(settings), "draft_vocab_coverage": coverage, "ttt_steps": args.ttt_steps,
-        "epochs": args.epochs, "prefill_seconds": prefill_s, "train_seconds_last_run": history["seconds_this_run"],
-        "heldout_acceptance": {g: r.as_dict() for g, r in report.items()}, "heldout_by_epoch": history["epoch_evals"],
-        "eval_acceptance": report[str(args.eval_gammas[0])].alpha,
-        "model_name": info.name, "dtype_of_signals": cfg.engine.dtype,
-    }
-    head.to("cpu", torch.bfloat16)
-    out = save_draft(head, args.out, manifest)
-    print(json.dumps({"out": str(out), "heldout": manifest["heldout_acceptance"], "coverage": coverage, **history},
-                     indent=2))
+    print(json.dumps(run_corpus_pipeline(pipeline_config(args)), indent=2))
     return 0

@@ -1,12 +1,18 @@
 """EAGLE-3 draft head.
 
-features of 3 capture layers --concat--> FC (3H -> H) --+
+features of 3 capture layers --[per-layer RMSNorm]--concat--> FC (3H -> H) --+
                                                         |--> one decoder layer
 token embedding (target's, frozen) ---------------------+    (attention input [norm(embed(token)); norm(feature)], 2H)
                                                              --> final norm --> LM head over the reduced draft vocab
 
 Entry p of a sequence combines the feature of position p (target capture states, or the draft's own output
 hidden for chained steps) with the embedding of token p+1 and predicts token p+2.
+
+`capture_norm` (config, default off): each capture layer's state is RMS-normalised with its own learned weight
+([C, H], `capture_norm_weight`) before the FC — SmolLM2's capture states carry outlier dimensions (layer 27 dim
+17: RMS 387) that otherwise dominate the FC's input. It lives in `fuse`, the one function training
+(`ttt_forward`) and serving (`Drafter` -> `fuse` -> `step`) both call, and the flag + weight travel in the
+checkpoint (architecture + weights).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class Eagle3Config:
     capture_layers: tuple[int, ...]
     model_fingerprint: str
     max_position: int = 8192
+    capture_norm: bool = False  # per-capture-layer RMSNorm before the FC (checkpoints without it: off)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -60,6 +67,8 @@ class Eagle3Head(nn.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
         self.fc = nn.Linear(len(cfg.capture_layers) * h, h, bias=False)
+        if cfg.capture_norm:
+            self.capture_norm_weight = nn.Parameter(torch.ones(len(cfg.capture_layers), h))  # [C, H]
         self.norm_embed = nn.Parameter(torch.ones(h))
         self.norm_hidden = nn.Parameter(torch.ones(h))
         self.qkv = nn.Linear(2 * h, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, bias=False)
@@ -77,8 +86,13 @@ class Eagle3Head(nn.Module):
 
     # ---- shared pieces ------------------------------------------------------------------------------------
     def fuse(self, captured: torch.Tensor) -> torch.Tensor:
-        """captured [..., C, H] -> feature [..., H]."""
-        flat = captured.reshape(*captured.shape[:-2], -1).to(self.final_norm.dtype)  # the activation dtype
+        """captured [..., C, H] -> feature [..., H] (per-layer RMSNorm first when `cfg.capture_norm`)."""
+        x = captured.to(self.final_norm.dtype)  # the activation dtype
+        if self.cfg.capture_norm:
+            xf = x.float()  # RMSNorm per layer in float32 (F.rms_norm takes no [C, H] weight)
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+            x = (xf * self.capture_norm_weight.float()).to(x.dtype)  # [..., C, H]
+        flat = x.reshape(*captured.shape[:-2], -1)
         return self.fc(flat)
 
     def _embed_normed(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

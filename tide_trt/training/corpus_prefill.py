@@ -19,7 +19,7 @@ from tide_trt.engine.torch_engine import TorchTargetEngine
 from tide_trt.errors import TideError
 from tide_trt.models.loader import load_checkpoint
 from tide_trt.training.corpus import TokenCorpus, select_sequences
-from tide_trt.training.state_cache import build_state_cache
+from tide_trt.training.state_cache import DEFAULT_SOFT_TOP_K, build_state_cache
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def weights_label(eng: TorchTargetEngine) -> str:
 def prefill_corpus(eng: TorchTargetEngine, corpus: TokenCorpus, kind: str, split: Literal["train", "heldout"],
                    num_sequences: int, cache_root: str | Path, *, numerics: str, heldout_every: int,
                    max_len: int, shard_sequences: int = 256, batch_tokens: int = 4096,
-                   progress: bool = True) -> list[Path]:
+                   soft_top_k: int = DEFAULT_SOFT_TOP_K, progress: bool = True) -> list[Path]:
     """The shard paths holding the first `num_sequences` sequences of (split, kind), prefilling what is missing."""
     seqs = select_sequences(corpus, kind, split, heldout_every, limit=num_sequences, max_len=max_len)
     if not seqs:
@@ -72,4 +72,4 @@ def prefill_corpus(eng: TorchTargetEngine, corpus: TokenCorpus, kind: str, split
     root = Path(cache_root) / f"{split}_{kind}"
     identity = cache_identity(corpus, eng, numerics, kind, split, heldout_every, max_len, shard_sequences)
     return build_state_cache(eng, seqs, root, identity, shard_sequences=shard_sequences, batch_tokens=batch_tokens,
-                             progress=progress)
+                             progress=progress, soft_top_k=soft_top_k)

@@ -28,9 +28,9 @@ from tqdm import tqdm
 from tide_trt.draft.eagle3 import Eagle3Head
 from tide_trt.errors import TideError
 from tide_trt.kernels import fast_bf16_matmul
-from tide_trt.online.trainer import Chunk, evaluate
+from tide_trt.online.trainer import evaluate
 from tide_trt.training.state_cache import ShardData, iter_sequences, load_shard, masked_labels
-from tide_trt.training.ttt import ChainAcceptance, collate, ttt_loss
+from tide_trt.training.ttt import ChainAcceptance, LossKind, collate, ttt_loss
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,10 @@ class CorpusTrainSettings:
     chunk_len: int = 256  # positions per chunk
     lr: float = 1e-3
     warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # cosine from lr down to lr * min_lr_ratio over the step budget
     weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm
+    loss: LossKind = "hard"  # "soft": the target's top-K distribution (needs a format-2 cache); "hard": argmax
     ttt_steps: int = 3
     pool_shards: int = 4  # shards in RAM at once (~75k positions each, ~260 MB of bf16 states)
     train_on_prompt: bool = False  # prompt positions are context; only answer labels (+ the last prompt one) train
@@ -54,6 +56,7 @@ class CorpusTrainSettings:
     device: str = "cpu"
     autocast: bool = True  # bf16 autocast on CUDA and on CPUs with fast bf16 matmuls (AMX / AVX512-bf16)
     checkpoint_minutes: float = 5.0
+    log_every_steps: int = 50  # a learning-curve line (step, lr, loss, step accuracies) in the log
 
 
 @dataclass
@@ -76,14 +79,18 @@ def chunk_spans(labels: list[int], chunk_len: int) -> list[tuple[int, int]]:
 
 
 def sequence_chunks(shard: ShardData, a: int, b: int, plen: int, chunk_len: int, train_on_prompt: bool
-                    ) -> list[Chunk]:
-    """Cut the sequence in rows a..b of a shard into chunks (see `masked_labels`, `chunk_spans`)."""
+                    ) -> list[tuple]:
+    """Cut the sequence in rows a..b of a shard into chunks (see `masked_labels`, `chunk_spans`):
+    (hidden, tokens, labels) — plus (soft_ids, soft_probs) when the shard was loaded with its soft labels."""
     lab = masked_labels(shard.labels[a:b], plen, train_on_prompt).tolist()
     tok = shard.token_ids[a:b].tolist()
+    if shard.soft_ids is not None and shard.soft_probs is not None:
+        return [(shard.hidden[a + s:a + e], tok[s:e], lab[s:e], shard.soft_ids[a + s:a + e],
+                 shard.soft_probs[a + s:a + e]) for s, e in chunk_spans(lab, chunk_len)]
     return [(shard.hidden[a + s:a + e], tok[s:e], lab[s:e]) for s, e in chunk_spans(lab, chunk_len)]
 
 
-def shard_chunks(shard: ShardData, chunk_len: int, train_on_prompt: bool) -> list[Chunk]:
+def shard_chunks(shard: ShardData, chunk_len: int, train_on_prompt: bool) -> list[tuple]:
     """Every sequence of a shard cut into chunks."""
     return [c for a, b, plen in shard.sequences() for c in sequence_chunks(shard, a, b, plen, chunk_len,
                                                                             train_on_prompt)]
@@ -102,8 +109,9 @@ def epoch_pools(num_shards: int, pool_shards: int, seed: int, epoch: int) -> lis
 
 
 def pool_batches(shards: list[Path], pool: list[int], s: CorpusTrainSettings, epoch: int, pool_index: int
-                 ) -> list[list[Chunk]]:
-    chunks = [c for i in pool for c in shard_chunks(load_shard(shards[i]), s.chunk_len, s.train_on_prompt)]
+                 ) -> list[list[tuple]]:
+    chunks = [c for i in pool for c in shard_chunks(load_shard(shards[i], soft=s.loss == "soft"), s.chunk_len,
+                                                    s.train_on_prompt)]
     perm = torch.randperm(len(chunks), generator=_generator(s.seed, epoch, pool_index + 1)).tolist()
     return [[chunks[i] for i in perm[k:k + s.batch_size]] for k in range(0, len(perm), s.batch_size)]
 
@@ -180,7 +188,8 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95))
     n_chunks, n_positions = count_positions(shards, s.chunk_len, s.train_on_prompt)
     total_steps = max(1, math.ceil(n_chunks * s.epochs / s.batch_size))
-    identity = {"settings": {k: v for k, v in asdict(s).items() if k not in ("checkpoint_minutes", "device")},
+    identity = {"settings": {k: v for k, v in asdict(s).items()
+                             if k not in ("checkpoint_minutes", "device", "log_every_steps")},
                 "shards": [str(p) for p in shards], "total_steps": total_steps, **meta}
     pos = Position()
     epoch_evals: list[dict] = []
@@ -208,24 +217,26 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
         while pos.pool < len(pools) and pos.step < total_steps and not stopped:
             batches = pool_batches(shards, pools[pos.pool], s, pos.epoch, pos.pool)
             while pos.batch < len(batches) and pos.step < total_steps:
-                batch = collate(batches[pos.batch])
-                batch.hidden = batch.hidden.to(device, torch.float32)
-                batch.tokens, batch.labels = batch.tokens.to(device), batch.labels.to(device)
-                batch.lengths = batch.lengths.to(device)
+                batch = collate(batches[pos.batch]).to(device)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(pos.step, total_steps, s)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    loss, step_accs = ttt_loss(head, batch, t2d, s.ttt_steps, with_accuracy=pos.step % 10 == 0)
+                    loss, step_accs = ttt_loss(head, batch, t2d, s.ttt_steps, with_accuracy=pos.step % 10 == 0,
+                                               loss=s.loss)
                 accs = step_accs or accs
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
                 opt.step()
                 n = int(batch.lengths.sum())
                 pos.step, pos.batch, pos.tokens = pos.step + 1, pos.batch + 1, pos.tokens + n
                 loss_v = float(loss.detach())
                 bar.update(n)
                 bar.set_postfix(loss=f"{loss_v:.3f}", acc0=f"{accs[0]:.2f}" if accs else "-", ep=pos.epoch)
+                if s.log_every_steps and pos.step % s.log_every_steps == 0:
+                    log.info("step %d/%d epoch %d lr %.2e loss %.4f step-acc %s positions %d", pos.step,
+                             total_steps, pos.epoch, opt.param_groups[0]["lr"], loss_v,
+                             "/".join(f"{a:.3f}" for a in accs), pos.tokens)
                 now = time.monotonic()
                 if now - last_ckpt > 60 * s.checkpoint_minutes:
                     save_train_state(work, head, opt, pos, identity, epoch_evals)

@@ -42,14 +42,15 @@ class TrainSettings:
     bf16_autocast: bool = dataclasses.field(default_factory=fast_bf16_matmul)
 
 
-def new_head(engine: TargetEngine, d2t: torch.Tensor) -> Eagle3Head:
-    """A fresh head for `engine`'s target; LM head rows and final norm start from the target's own."""
+def new_head(engine: TargetEngine, d2t: torch.Tensor, capture_norm: bool = False) -> Eagle3Head:
+    """A fresh head for `engine`'s target; LM head rows and final norm start from the target's own.
+    `capture_norm`: per-capture-layer RMSNorm before the FC (see `Eagle3Head.fuse`)."""
     i = engine.info
     cfg = Eagle3Config(hidden_size=i.hidden_size, num_heads=i.num_heads, num_kv_heads=i.num_kv_heads,
                        head_dim=i.head_dim, intermediate_size=i.intermediate_size, rms_norm_eps=i.rms_norm_eps,
                        rope_theta=i.rope_theta, target_vocab_size=i.vocab_size, draft_vocab_size=d2t.numel(),
                        capture_layers=tuple(i.capture_layers), model_fingerprint=i.fingerprint,
-                       max_position=max(8192, i.max_seq_len))
+                       max_position=max(8192, i.max_seq_len), capture_norm=capture_norm)
     head = Eagle3Head(cfg, engine.embedding_weight())
     with torch.no_grad():
         head.d2t.copy_(d2t)

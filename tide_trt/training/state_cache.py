@@ -13,10 +13,17 @@ they hold the expected sequences. Shard tensors:
 | `hidden_states` | bfloat16 (store dtype) | [N, C, H] | capture-layer states of every position |
 | `token_ids` | int32 | [N] | the token at each position |
 | `labels` | int32 | [N] | the target's greedy prediction after each position (its own label, not the corpus's) |
+| `soft_ids` | int32 | [N, K] | the target's top-K next-token ids (target vocabulary, most likely first) |
+| `soft_probs` | float16 | [N, K] | their probabilities under the target's full softmax (sum <= 1) |
 | `seq_offsets` | int64 | [S + 1] | sequence s is rows `seq_offsets[s]:seq_offsets[s+1]` |
 | `prompt_lens` | int32 | [S] | leading prompt positions of each sequence |
 
 The safetensors header carries the sequence keys (JSON list) so a shard can be matched to the corpus.
+
+Soft labels are kept over the *target* vocabulary: the draft vocabulary is chosen from the cache's own labels after
+prefill (and may be rebuilt at another size), so training restricts the top-K to the draft vocabulary and
+renormalises (`ttt.soft_targets`). `CACHE_FORMAT` is recorded in `cache.json`; a cache of another format (format 1:
+argmax labels only) is refused with a message saying so.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from tide_trt.training.corpus import CorpusSequence
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.json"
+CACHE_FORMAT = 2  # 1: argmax labels only; 2: + top-K soft labels (soft_ids, soft_probs)
+DEFAULT_SOFT_TOP_K = 16
 
 
 @dataclass(frozen=True)
@@ -77,8 +86,13 @@ def check_cache_identity(root: Path, identity: dict) -> None:
     """Create `cache.json`, or refuse a directory that was filled with other data or another target."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / CACHE_FILE
+    identity = {"format": CACHE_FORMAT, **identity}
     if path.is_file():
         old = json.loads(path.read_text())
+        if old.get("format", 1) != CACHE_FORMAT:
+            raise TideError(f"{root} is a state cache of format {old.get('format', 1)} (this TIDE writes format "
+                            f"{CACHE_FORMAT}: top-K soft labels beside the argmax labels); delete it or use another "
+                            "cache directory")
         diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         if diff:
             raise TideError(f"{root} caches other states (differs in {diff}); use another cache directory")
@@ -86,28 +100,51 @@ def check_cache_identity(root: Path, identity: dict) -> None:
         path.write_text(json.dumps(identity, indent=2, sort_keys=True))
 
 
+@dataclass
+class PrefillResult:
+    """One sequence's prefill output, on CPU."""
+
+    hidden: torch.Tensor  # [T, C, H] store dtype
+    labels: torch.Tensor  # [T] int32 argmax
+    soft_ids: torch.Tensor  # [T, K] int32 top-K target ids
+    soft_probs: torch.Tensor  # [T, K] float16 their probabilities
+
+
+def top_k_soft_labels(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [..., V] -> (ids [..., K] int32, probabilities [..., K] float16) of the K most likely tokens under
+    the full softmax (float32 math)."""
+    lf = logits.float()
+    vals, ids = torch.topk(lf, k, dim=-1)  # [..., K]
+    probs = torch.exp(vals - torch.logsumexp(lf, dim=-1, keepdim=True))  # [..., K]
+    return ids.to(torch.int32), probs.to(torch.float16)
+
+
 @torch.inference_mode()
-def prefill_batch(engine: TargetEngine, seqs: list[CorpusSequence], store_dtype: torch.dtype
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One target forward over a few sequences -> per sequence (hidden [T, C, H] on CPU, labels [T] int32)."""
+def prefill_batch(engine: TargetEngine, seqs: list[CorpusSequence], store_dtype: torch.dtype,
+                  soft_top_k: int = DEFAULT_SOFT_TOP_K) -> list[PrefillResult]:
+    """One target forward over a few sequences -> per sequence states, argmax labels and top-K soft labels."""
     slots = [engine.allocate_slot() for _ in seqs]
     try:
         out = engine.forward(slots, [s.tokens.tolist() for s in seqs], logits="all")  # logits [B, T, V]
         preds = out.logits.argmax(-1).to("cpu", torch.int32)  # [B, T]
+        ids, probs = top_k_soft_labels(out.logits, soft_top_k)  # [B, T, K]
+        ids, probs = ids.cpu(), probs.cpu()
         hidden = out.hidden.to("cpu", store_dtype)  # [B, T, C, H]
-        return [(hidden[b, :len(s.tokens)].clone(), preds[b, :len(s.tokens)].clone()) for b, s in enumerate(seqs)]
+        return [PrefillResult(hidden[b, :len(s.tokens)].clone(), preds[b, :len(s.tokens)].clone(),
+                              ids[b, :len(s.tokens)].clone(), probs[b, :len(s.tokens)].clone())
+                for b, s in enumerate(seqs)]
     finally:
         for slot in slots:
             engine.free_slot(slot)
 
 
 def prefill_sequences(engine: TargetEngine, seqs: tuple[CorpusSequence, ...] | list[CorpusSequence],
-                      batch_tokens: int, store_dtype: torch.dtype = torch.bfloat16, bar: tqdm | None = None
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(hidden [T, C, H], labels [T]) per sequence, in order: similar lengths batched together, at most
-    `batch_tokens` padded positions and `max_batch_size` sequences per forward."""
+                      batch_tokens: int, store_dtype: torch.dtype = torch.bfloat16, bar: tqdm | None = None,
+                      soft_top_k: int = DEFAULT_SOFT_TOP_K) -> list[PrefillResult]:
+    """One `PrefillResult` per sequence, in order: similar lengths batched together, at most `batch_tokens`
+    padded positions and `max_batch_size` sequences per forward."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
-    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    results: dict[int, PrefillResult] = {}
     max_b = engine.info.max_batch_size
     i = 0
     while i < len(order):
@@ -115,7 +152,7 @@ def prefill_sequences(engine: TargetEngine, seqs: tuple[CorpusSequence, ...] | l
         while j < len(order) and j - i < max_b and (j + 1 - i) * len(seqs[order[j]].tokens) <= batch_tokens:
             j += 1
         idx = order[i:j]
-        results.update(zip(idx, prefill_batch(engine, [seqs[k] for k in idx], store_dtype), strict=True))
+        results.update(zip(idx, prefill_batch(engine, [seqs[k] for k in idx], store_dtype, soft_top_k), strict=True))
         if bar is not None:
             bar.update(sum(len(seqs[k].tokens) for k in idx))
         i = j
@@ -123,16 +160,19 @@ def prefill_sequences(engine: TargetEngine, seqs: tuple[CorpusSequence, ...] | l
 
 
 def prefill_shard(engine: TargetEngine, plan: ShardPlan, path: Path, batch_tokens: int,
-                  store_dtype: torch.dtype = torch.bfloat16, bar: tqdm | None = None) -> None:
+                  store_dtype: torch.dtype = torch.bfloat16, bar: tqdm | None = None,
+                  soft_top_k: int = DEFAULT_SOFT_TOP_K) -> None:
     """Prefill one shard's sequences (`prefill_sequences`) and write the shard atomically."""
-    results = prefill_sequences(engine, plan.sequences, batch_tokens, store_dtype, bar)
+    results = prefill_sequences(engine, plan.sequences, batch_tokens, store_dtype, bar, soft_top_k)
     offsets = [0]
     for s in plan.sequences:
         offsets.append(offsets[-1] + len(s.tokens))
     tensors = {
-        "hidden_states": torch.cat([h for h, _ in results]).contiguous(),  # [N, C, H]
+        "hidden_states": torch.cat([r.hidden for r in results]).contiguous(),  # [N, C, H]
         "token_ids": torch.from_numpy(np.concatenate([s.tokens for s in plan.sequences])).to(torch.int32),  # [N]
-        "labels": torch.cat([lab for _, lab in results]),  # [N]
+        "labels": torch.cat([r.labels for r in results]),  # [N]
+        "soft_ids": torch.cat([r.soft_ids for r in results]).contiguous(),  # [N, K]
+        "soft_probs": torch.cat([r.soft_probs for r in results]).contiguous(),  # [N, K]
         "seq_offsets": torch.tensor(offsets, dtype=torch.long),  # [S + 1]
         "prompt_lens": torch.tensor([s.num_prompt for s in plan.sequences], dtype=torch.int32),  # [S]
     }
@@ -143,11 +183,14 @@ def prefill_shard(engine: TargetEngine, plan: ShardPlan, path: Path, batch_token
 
 def build_state_cache(engine: TargetEngine, sequences: list[CorpusSequence], cache_dir: str | Path,
                       identity: dict, shard_sequences: int = 256, batch_tokens: int = 4096,
-                      progress: bool = True) -> list[Path]:
+                      progress: bool = True, soft_top_k: int = DEFAULT_SOFT_TOP_K) -> list[Path]:
     """Prefill every shard that is not on disk yet; returns all shard paths in order. Stop any time (Ctrl-C, a
-    session's end): the next call continues with the first missing shard."""
+    session's end): the next call continues with the first missing shard. `soft_top_k` is part of the cache's
+    identity."""
+    if soft_top_k < 1:
+        raise TideError(f"soft_top_k must be >= 1, got {soft_top_k}")
     root = Path(cache_dir)
-    check_cache_identity(root, identity)
+    check_cache_identity(root, {**identity, "soft_top_k": soft_top_k})
     plans = plan_shards(sequences, shard_sequences)
     todo = []
     for plan in plans:
@@ -170,7 +213,10 @@ def build_state_cache(engine: TargetEngine, sequences: list[CorpusSequence], cac
         with tqdm(total=missing, unit="tok", unit_scale=True, desc="target prefill", disable=not progress,
                   smoothing=0.05) as bar:
             for plan in todo:
-                prefill_shard(engine, plan, shard_path(root, plan.index), batch_tokens, bar=bar)
+                prefill_shard(engine, plan, shard_path(root, plan.index), batch_tokens, bar=bar,
+                              soft_top_k=soft_top_k)
+                log.info("wrote %s (%d sequences, %d tokens)", shard_path(root, plan.index), len(plan.sequences),
+                         plan.num_tokens)
         dt = time.perf_counter() - t0
         log.info("prefilled %d tokens in %.0f s (%.0f tok/s)", missing, dt, missing / max(dt, 1e-9))
     return [shard_path(root, p.index) for p in plans]
@@ -183,6 +229,8 @@ class ShardData:
     labels: torch.Tensor  # [N] int64
     seq_offsets: list[int]  # [S + 1]
     prompt_lens: list[int]  # [S]
+    soft_ids: torch.Tensor | None = None  # [N, K] int64 target ids (None: read without soft labels)
+    soft_probs: torch.Tensor | None = None  # [N, K] float32
 
     def sequences(self) -> Iterator[tuple[int, int, int]]:
         """(start row, end row, prompt length) of each sequence."""
@@ -190,14 +238,21 @@ class ShardData:
             yield self.seq_offsets[s], self.seq_offsets[s + 1], self.prompt_lens[s]
 
 
-def load_shard(path: str | Path) -> ShardData:
+def load_shard(path: str | Path, soft: bool = False) -> ShardData:
+    """A shard in RAM; with `soft`, its top-K soft labels too (refused if the shard has none)."""
     with safe_open(str(path), "pt") as f:
+        names = set(f.keys())
+        if soft and "soft_ids" not in names:
+            raise TideError(f"{path} has no soft labels (a format-1 state cache): rebuild it, or train with the "
+                            "hard (argmax) loss")
         return ShardData(
             hidden=f.get_tensor("hidden_states"),
             token_ids=f.get_tensor("token_ids").long(),
             labels=f.get_tensor("labels").long(),
             seq_offsets=f.get_tensor("seq_offsets").tolist(),
             prompt_lens=f.get_tensor("prompt_lens").tolist(),
+            soft_ids=f.get_tensor("soft_ids").long() if soft else None,
+            soft_probs=f.get_tensor("soft_probs").float() if soft else None,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,22 +18,42 @@ class Batch:
     tokens: torch.Tensor  # [B, T] token at each position
     labels: torch.Tensor  # [B, T] target-vocabulary id the target predicts AFTER position t (-1: unknown)
     lengths: torch.Tensor  # [B] valid positions
+    soft_ids: torch.Tensor | None = None  # [B, T, K] the target's top-K ids after position t (target vocab)
+    soft_probs: torch.Tensor | None = None  # [B, T, K] their probabilities
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on `device`, capture states in float32."""
+        return Batch(self.hidden.to(device, torch.float32), self.tokens.to(device), self.labels.to(device),
+                     self.lengths.to(device), None if self.soft_ids is None else self.soft_ids.to(device),
+                     None if self.soft_probs is None else self.soft_probs.to(device))
 
 
-def collate(examples: list[tuple[torch.Tensor, list[int], list[int]]]) -> Batch:
-    """examples: (hidden [T, C, H], tokens [T], labels [T]) -> padded Batch."""
+LossKind = Literal["soft", "hard"]
+
+
+def collate(examples: list[tuple]) -> Batch:
+    """examples: (hidden [T, C, H], tokens [T], labels [T]) or, with soft labels, (hidden, tokens, labels,
+    soft_ids [T, K], soft_probs [T, K]) -> padded Batch (padding: label -1, soft probability 0)."""
     t_max = max(len(e[1]) for e in examples)
     c_h = examples[0][0].shape[1:]
     b = len(examples)
     hidden = torch.zeros(b, t_max, *c_h, dtype=examples[0][0].dtype)
     tokens = torch.zeros(b, t_max, dtype=torch.long)
     labels = torch.full((b, t_max), -1, dtype=torch.long)
-    for i, (h, tok, lab) in enumerate(examples):
+    soft = len(examples[0]) == 5
+    k = examples[0][3].shape[-1] if soft else 0
+    soft_ids = torch.zeros(b, t_max, k, dtype=torch.long) if soft else None
+    soft_probs = torch.zeros(b, t_max, k) if soft else None
+    for i, e in enumerate(examples):
+        h, tok, lab = e[0], e[1], e[2]
         n = len(tok)
         hidden[i, :n] = h
         tokens[i, :n] = torch.tensor(tok)
         labels[i, :n] = torch.tensor(lab)
-    return Batch(hidden, tokens, labels, torch.tensor([len(e[1]) for e in examples]))
+        if soft_ids is not None and soft_probs is not None:
+            soft_ids[i, :n] = e[3]
+            soft_probs[i, :n] = e[4]
+    return Batch(hidden, tokens, labels, torch.tensor([len(e[1]) for e in examples]), soft_ids, soft_probs)
 
 
 def _shifted(batch: Batch, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,11 +74,36 @@ def _targets(batch: Batch, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return next_tokens, draft_lab
 
 
+def soft_targets(batch: Batch, t2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The soft target of entry q (the target's distribution after position q+1, as `_shifted` aligns the hard
+    labels), restricted to the draft vocabulary and renormalised: (draft ids [B, T, K] clamped to >= 0, weights
+    [B, T, K] summing to 1 where any top-K id is in the draft vocabulary, else 0)."""
+    assert batch.soft_ids is not None and batch.soft_probs is not None, "the batch carries no soft labels"
+    ids = torch.cat([batch.soft_ids[:, 1:], torch.zeros_like(batch.soft_ids[:, :1])], dim=1)  # [B, T, K]
+    probs = torch.cat([batch.soft_probs[:, 1:], torch.zeros_like(batch.soft_probs[:, :1])], dim=1)  # [B, T, K]
+    draft_ids = t2d[ids]  # [B, T, K], -1 outside the draft vocabulary
+    w = torch.where(draft_ids >= 0, probs.float(), torch.zeros_like(probs, dtype=torch.float32))
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
+    return draft_ids.clamp(min=0), w
+
+
+def soft_cross_entropy(logits: torch.Tensor, draft_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -Σ_k w_k log q(id_k): logits [N, Vd], draft_ids / weights [N, K]. Equals
+    F.cross_entropy(logits, label) when each row's weights are one-hot on its label."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [N, Vd]
+    return -(weights * logp.gather(-1, draft_ids)).sum(-1).mean()
+
+
 def ttt_loss(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, num_steps: int, decay: float = 0.8,
-             with_accuracy: bool = True) -> tuple[torch.Tensor, list[float]]:
+             with_accuracy: bool = True, loss: LossKind = "hard") -> tuple[torch.Tensor, list[float]]:
     """Weighted cross-entropy over the unrolled steps; returns (loss, per-step top-1 accuracy — empty unless
-    `with_accuracy`). Runs on the batch's device; the LM head (the dominant cost) runs on labelled rows only."""
+    `with_accuracy`). Runs on the batch's device; the LM head (the dominant cost) runs on labelled rows only.
+
+    `loss` "hard": against the target's argmax label; "soft": against the target's top-K distribution restricted
+    to the draft vocabulary (`soft_targets`; EAGLE-3 / SpecForge train on the target's distribution). The rows
+    that train are the same for both (the argmax label exists and lies in the draft vocabulary)."""
     next_tokens, labels = _targets(batch, t2d)
+    soft = soft_targets(batch, t2d) if loss == "soft" else None
     hiddens = head.ttt_forward(batch.hidden, next_tokens, num_steps, return_hidden=True)
     total = torch.zeros((), device=batch.hidden.device)
     accs = []
@@ -72,7 +118,11 @@ def ttt_loss(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, num_steps: int, 
             continue
         logits = head.logits(hidden[valid])  # [n_valid, Vd]: the LM head only where there is a label
         target = lab[valid]  # [n_valid]
-        total = total + (decay ** j) * F.cross_entropy(logits.float(), target)
+        if soft is not None:
+            step_loss = soft_cross_entropy(logits, soft[0][valid], soft[1][valid])
+        else:
+            step_loss = F.cross_entropy(logits.float(), target)
+        total = total + (decay ** j) * step_loss
         if with_accuracy:  # an argmax over [n_valid, Vd]: ~6 % of a CPU training step
             with torch.no_grad():
                 accs.append(float((logits.argmax(-1) == target).sum()) / n_valid)
