@@ -4,7 +4,10 @@ corpus slice for the same epochs and is scored by the held-out simulated accepta
     tide bench draft_ablation --out benchmarks/results/draft_ablation.json
 
 Variants whose output directory already holds a draft are collected, not retrained (the runs are long on 2 cores:
-stop and rerun to continue). One variant changes one setting of the base recipe.
+stop and rerun to continue). One variant changes one setting of the base recipe. The session-6 variants ran when
+the hard (argmax) loss was the only one; they pass `--loss hard` to mean what they meant then. The `v5_*` variants
+walk from that recipe to the v5 one (issue 22 item 5), one change at a time: soft labels, the 16k vocabulary,
+per-capture-layer norm, lr 5e-4 + clip 0.5.
 """
 
 from __future__ import annotations
@@ -19,24 +22,35 @@ from benchmarks.common import machine, write_json
 
 log = logging.getLogger(__name__)
 
+HARD = ["--loss", "hard"]
+V5_SOFT16K = ["--loss", "soft", "--draft-vocab", "16384"]
 VARIANTS: dict[str, list[str]] = {
-    "base": [],
-    "lr3e-3": ["--lr", "3e-3"],
-    "init_v3": ["--init", "v3"],
-    "vocab16k": ["--draft-vocab", "16384", "--lr", "3e-3"],
-    "init_v3_lr3e-4": ["--init", "v3", "--lr", "3e-4"],
-    "init_v3_lr1e-4": ["--init", "v3", "--lr", "1e-4"],
-    "init_v3_lr1e-4_chunk512": ["--init", "v3", "--lr", "1e-4", "--chunk-len", "512"],
-    "init_v3_lr1e-4_ttt4": ["--init", "v3", "--lr", "1e-4", "--ttt-steps", "4"],
-    "init_v3_lr1e-4_greedy+sampled": ["--init", "v3", "--lr", "1e-4", "--greedy-sequences", "256",
+    "base": HARD,
+    "lr3e-3": [*HARD, "--lr", "3e-3"],
+    "init_v3": [*HARD, "--init", "v3"],
+    "vocab16k": [*HARD, "--draft-vocab", "16384", "--lr", "3e-3"],
+    "init_v3_lr3e-4": [*HARD, "--init", "v3", "--lr", "3e-4"],
+    "init_v3_lr1e-4": [*HARD, "--init", "v3", "--lr", "1e-4"],
+    "init_v3_lr1e-4_chunk512": [*HARD, "--init", "v3", "--lr", "1e-4", "--chunk-len", "512"],
+    "init_v3_lr1e-4_ttt4": [*HARD, "--init", "v3", "--lr", "1e-4", "--ttt-steps", "4"],
+    "init_v3_lr1e-4_greedy+sampled": [*HARD, "--init", "v3", "--lr", "1e-4", "--greedy-sequences", "256",
                                       "--sampled-sequences", "256"],
+    # issue 22 item 5: from the session-6 recipe (hard, 8k, lr 1e-3, clip 1) to v5's, one change at a time
+    "v5_hard8k": HARD,
+    "v5_soft8k": ["--loss", "soft"],
+    "v5_soft16k": V5_SOFT16K,
+    "v5_soft16k_norm": [*V5_SOFT16K, "--capture-norm"],
+    "v5_soft16k_norm_lr5e-4_clip0.5": [*V5_SOFT16K, "--capture-norm", "--lr", "5e-4", "--grad-clip", "0.5"],
+    "v5_hard16k_norm_lr5e-4_clip0.5": [*HARD, "--draft-vocab", "16384", "--capture-norm", "--lr", "5e-4",
+                                       "--grad-clip", "0.5"],
 }
 
 
-def base_args(corpus: str, sequences: int, eval_sequences: int, epochs: float, threads: int) -> list[str]:
+def base_args(corpus: str, sequences: int, eval_sequences: int, epochs: float, threads: int, state_cache: str,
+              numerics: str) -> list[str]:
     return ["train-draft", "--data", "corpus", "--corpus", corpus, "--greedy-sequences", str(sequences),
             "--eval-sequences", str(eval_sequences), "--eval-gammas", "1", "3", "--epochs", str(epochs),
-            "--threads", str(threads)]
+            "--threads", str(threads), "--state-cache", state_cache, "--prefill-numerics", numerics]
 
 
 def reference_scores(name: str, state_cache: str, eval_sequences: int) -> dict:
@@ -72,10 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--collect-only", action="store_true", help="do not train missing variants")
     p.add_argument("--reference", nargs="*", default=["v3", "v4"],
                    help="shipped drafts scored untouched on the same held-out answers (rows for comparison)")
-    p.add_argument("--state-cache", default="runs/corpus_states")
+    p.add_argument("--state-cache", default="runs/corpus_states", help="the variants' and references' states")
+    p.add_argument("--prefill-numerics", choices=["serving", "bf16"], default="serving")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    common = base_args(args.corpus, args.sequences, args.eval_sequences, args.epochs, args.threads)
+    common = base_args(args.corpus, args.sequences, args.eval_sequences, args.epochs, args.threads,
+                       args.state_cache, args.prefill_numerics)
     rows = {}
     for name in args.variants:
         out = Path(args.runs) / name

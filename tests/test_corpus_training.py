@@ -191,6 +191,7 @@ def test_cli_trains_resumes_and_writes_a_loadable_draft(tiny_model_dir, tmp_path
               "--dtype", "float32", "--threads", "1", "--greedy-sequences", "8", "--sampled-sequences", "4",
               "--heldout-sequences", "3", "--heldout-every", "5", "--draft-vocab", "48", "--epochs", "4",
               "--batch-size", "2", "--chunk-len", "16", "--eval-every-epoch", "--state-cache", str(tmp_path / "states"),
+              "--capture-norm", "--soft-top-k", "8", "--lr", "5e-4", "--grad-clip", "0.5",
               "--out", str(tmp_path / "draft")]
     first = _tide(*common, "--max-train-steps", "5", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
@@ -203,7 +204,9 @@ def test_cli_trains_resumes_and_writes_a_loadable_draft(tiny_model_dir, tmp_path
     assert report["finished"] and report["steps_this_run"] == report["total_steps"] - 5
     engine = make_engine(load_checkpoint(str(tiny_model_dir)))
     head, manifest = load_draft(tmp_path / "draft", engine.info, engine.embedding_weight())
-    assert head.d2t.numel() == 48
+    assert head.d2t.numel() == 48 and head.cfg.capture_norm  # the v5 recipe's pieces, through the real pipeline
+    assert manifest["settings"]["loss"] == "soft" and manifest["data"]["soft_top_k"] == 8
+    assert manifest["settings"]["grad_clip"] == 0.5 and 0 < manifest["draft_vocab_coverage"] <= 1
     assert manifest["data"]["greedy_sequences"] == 8 and manifest["data"]["corpus_meta"] == {"made_by": "tests"}
     assert set(manifest["heldout_acceptance"]) == {"1", "3", "5"}
     by_epoch = manifest["heldout_by_epoch"]  # --eval-every-epoch: one held-out score per finished epoch

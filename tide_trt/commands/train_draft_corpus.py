@@ -58,6 +58,8 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine schedule ends at lr * this")
     g.add_argument("--warmup-steps", type=int, default=50, help="linear learning-rate warm-up steps")
     g.add_argument("--log-every-steps", type=int, default=50, help="a learning-curve line in the log every N steps")
+    g.add_argument("--eval-every-steps", type=int, default=0,
+                   help="with --eval-every-epoch, also score the held-out set (γ = 3) every N optimizer steps")
 
 
 def pipeline_config(args: argparse.Namespace) -> CorpusPipelineConfig:
@@ -78,7 +80,8 @@ def pipeline_config(args: argparse.Namespace) -> CorpusPipelineConfig:
             epochs=args.epochs, batch_size=args.batch_size, chunk_len=args.chunk_len, lr=args.lr,
             warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, loss=args.loss,
             ttt_steps=args.ttt_steps, pool_shards=args.pool_shards, seed=args.seed, device=cfg.engine.device,
-            checkpoint_minutes=args.checkpoint_minutes, log_every_steps=args.log_every_steps),
+            checkpoint_minutes=args.checkpoint_minutes, log_every_steps=args.log_every_steps,
+            eval_every_steps=args.eval_every_steps),
         eval=EvalConfig(gammas=tuple(args.eval_gammas), sequences=args.eval_sequences,
                         every_epoch=args.eval_every_epoch),
         work_dir=args.work_dir, resume=args.resume, prefill_only=args.prefill_only,

@@ -57,6 +57,7 @@ class CorpusTrainSettings:
     autocast: bool = True  # bf16 autocast on CUDA and on CPUs with fast bf16 matmuls (AMX / AVX512-bf16)
     checkpoint_minutes: float = 5.0
     log_every_steps: int = 50  # a learning-curve line (step, lr, loss, step accuracies) in the log
+    eval_every_steps: int = 0  # > 0: also run `on_epoch_end`'s evaluation every N optimizer steps (learning curve)
 
 
 @dataclass
@@ -178,8 +179,9 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
     """Train `head` in place over the shards for `s.epochs` epochs, checkpointing into `work`. With `resume`,
     continue from the checkpoint there (which must come from the same settings and data). Returns a summary;
     `finished` is False when `max_seconds` or `max_steps` (this run's budgets) stopped it first; run again with
-    resume to continue. `on_epoch_end(epoch, head)` (e.g. a held-out evaluation) runs after each full epoch; its
-    results are kept in the checkpoint and returned as `epoch_evals`."""
+    resume to continue. `on_epoch_end(epoch, head)` (e.g. a held-out evaluation) runs after each full epoch, and
+    every `s.eval_every_steps` steps when that is set; its results are kept in the checkpoint and returned as
+    `epoch_evals` (the learning curve)."""
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device(s.device)
     head.to(device)
@@ -189,7 +191,7 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
     n_chunks, n_positions = count_positions(shards, s.chunk_len, s.train_on_prompt)
     total_steps = max(1, math.ceil(n_chunks * s.epochs / s.batch_size))
     identity = {"settings": {k: v for k, v in asdict(s).items()
-                             if k not in ("checkpoint_minutes", "device", "log_every_steps")},
+                             if k not in ("checkpoint_minutes", "device", "log_every_steps", "eval_every_steps")},
                 "shards": [str(p) for p in shards], "total_steps": total_steps, **meta}
     pos = Position()
     epoch_evals: list[dict] = []
@@ -237,6 +239,11 @@ def train_on_shards(head: Eagle3Head, t2d: torch.Tensor, shards: list[Path], s: 
                     log.info("step %d/%d epoch %d lr %.2e loss %.4f step-acc %s positions %d", pos.step,
                              total_steps, pos.epoch, opt.param_groups[0]["lr"], loss_v,
                              "/".join(f"{a:.3f}" for a in accs), pos.tokens)
+                if on_epoch_end is not None and s.eval_every_steps and pos.step % s.eval_every_steps == 0:
+                    head.eval()  # no randomness: an evaluation leaves the run's result unchanged
+                    epoch_evals.append({"epoch": pos.epoch + pos.pool / len(pools), "step": pos.step,
+                                        **on_epoch_end(pos.epoch, head)})
+                    head.train()
                 now = time.monotonic()
                 if now - last_ckpt > 60 * s.checkpoint_minutes:
                     save_train_state(work, head, opt, pos, identity, epoch_evals)

@@ -196,7 +196,7 @@ def train_stage(cfg: CorpusPipelineConfig, head: Eagle3Head, vocab: Vocabulary, 
     def epoch_eval(epoch: int, h: Eagle3Head) -> dict:
         r = evaluate_shards(h, vocab.t2d, states.heldout, cfg.train.device, (3,),
                             max_sequences=cfg.eval.sequences)["3"]
-        log.info("after epoch %d: held-out τ(γ=3) %.3f, α %.3f", epoch + 1, r.tau, r.alpha)
+        log.info("epoch %d: held-out τ(γ=3) %.3f, α %.3f", epoch + 1, r.tau, r.alpha)
         return {"tau_gamma3": r.tau, "alpha_gamma3": r.alpha}
 
     return train_on_shards(head, vocab.t2d, states.train, cfg.train, cfg.work, resume=cfg.resume, meta=meta,
