@@ -215,3 +215,34 @@ def test_cli_is_a_thin_front_of_the_pipeline(monkeypatch, tmp_path):
                 if isinstance(n, ast.ImportFrom)}
     assert "tide_trt.commands.train_draft" not in imported
     assert len((root / "train_draft_corpus.py").read_text().splitlines()) < 120  # a front, not a second pipeline
+
+
+def test_pipeline_continues_a_draft_with_its_vocabulary(tiny_model_dir, tiny_checkpoint, tmp_path, one_torch_thread):
+    """The pipeline called from Python (no CLI): --init keeps the parent's vocabulary and architecture."""
+    from tide_trt.config import EngineConfig, ModelConfig
+    from tide_trt.draft.checkpoint import load_draft, save_draft
+    from tide_trt.training.pipeline import (
+        CorpusDataConfig,
+        CorpusPipelineConfig,
+        EvalConfig,
+        HeadConfig,
+        run_corpus_pipeline,
+    )
+
+    engine = make_engine(tiny_checkpoint)
+    torch.manual_seed(0)
+    parent = new_head(engine, torch.arange(3, 40), capture_norm=True)
+    save_draft(parent.to(torch.bfloat16), tmp_path / "parent", {"command": "parent"})
+    cfg = CorpusPipelineConfig(
+        model=ModelConfig(path=str(tiny_model_dir)), engine=EngineConfig(dtype="float32", num_threads=1),
+        out=str(tmp_path / "child"),
+        data=CorpusDataConfig(corpus=str(write_corpus(tmp_path / "c.npz", VOCAB)), greedy_sequences=6,
+                              heldout_sequences=2, heldout_every=5, state_cache=str(tmp_path / "s"), soft_top_k=4),
+        head=HeadConfig(init=str(tmp_path / "parent"), draft_vocab=16),  # draft_vocab: ignored with init
+        train=CorpusTrainSettings(epochs=1, batch_size=2, chunk_len=16, autocast=False, loss="soft"),
+        eval=EvalConfig(gammas=(3,)))
+    out = run_corpus_pipeline(cfg)
+    child, manifest = load_draft(out["out"], engine.info, engine.embedding_weight())
+    assert torch.equal(child.d2t, torch.arange(3, 40)) and child.cfg.capture_norm
+    assert manifest["parent_manifest_command"] == "parent" and manifest["draft_vocab_source"] == "init"
+    assert set(manifest["heldout_acceptance"]) == {"3"}
