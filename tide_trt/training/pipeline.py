@@ -220,8 +220,8 @@ def write_stage(cfg: CorpusPipelineConfig, head: Eagle3Head, manifest: dict[str,
     return save_draft(head, cfg.out, manifest)
 
 
-def build_manifest(cfg: CorpusPipelineConfig, states: PrefilledStates, vocab: Vocabulary, parent: dict[str, Any],
-                   history: dict[str, Any], heldout: dict[str, dict]) -> dict[str, Any]:
+def build_manifest(cfg: CorpusPipelineConfig, head: Eagle3Head, states: PrefilledStates, vocab: Vocabulary,
+                   parent: dict[str, Any], history: dict[str, Any], heldout: dict[str, dict]) -> dict[str, Any]:
     d = cfg.data
     return {
         "version": 0, "parent": cfg.head.init, "parent_manifest_command": parent.get("command"),
@@ -234,7 +234,7 @@ def build_manifest(cfg: CorpusPipelineConfig, states: PrefilledStates, vocab: Vo
                  "prefill_numerics": d.prefill_numerics, "soft_top_k": d.soft_top_k,
                  "train_positions": history["train_positions"], "corpus_positions": history["corpus_positions"]},
         "settings": dataclasses.asdict(cfg.train), "draft_vocab_coverage": vocab.coverage,
-        "draft_vocab_source": vocab.source, "capture_norm": cfg.head.capture_norm if not cfg.head.init else None,
+        "draft_vocab_source": vocab.source, "capture_norm": head.cfg.capture_norm,
         "ttt_steps": cfg.train.ttt_steps, "epochs": cfg.train.epochs, "prefill_seconds": states.seconds,
         "train_seconds_last_run": history["seconds_this_run"], "heldout_acceptance": heldout,
         "heldout_by_epoch": history["epoch_evals"], "eval_acceptance": heldout[str(cfg.eval.gammas[0])]["alpha"],
@@ -260,5 +260,5 @@ def run_corpus_pipeline(cfg: CorpusPipelineConfig) -> dict[str, Any]:
                  history["total_steps"])
         return history
     heldout = evaluate_stage(cfg, head, vocab, states.heldout)
-    out = write_stage(cfg, head, build_manifest(cfg, states, vocab, parent, history, heldout))
+    out = write_stage(cfg, head, build_manifest(cfg, head, states, vocab, parent, history, heldout))
     return {"out": str(out), "heldout": heldout, "coverage": vocab.coverage, **history}
