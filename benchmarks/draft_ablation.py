@@ -43,6 +43,9 @@ VARIANTS: dict[str, list[str]] = {
     "v5_soft16k_norm_lr5e-4_clip0.5": [*V5_SOFT16K, "--capture-norm", "--lr", "5e-4", "--grad-clip", "0.5"],
     "v5_hard16k_norm_lr5e-4_clip0.5": [*HARD, "--draft-vocab", "16384", "--capture-norm", "--lr", "5e-4",
                                        "--grad-clip", "0.5"],
+    # the soft loss on a trained head: v4 fine-tuned with each loss (v4's vocabulary, no norm)
+    "v5_init_v4_hard_lr1e-4": [*HARD, "--init", "v4", "--lr", "1e-4"],
+    "v5_init_v4_soft_lr1e-4": ["--loss", "soft", "--init", "v4", "--lr", "1e-4"],
 }
 
 
