@@ -9,7 +9,10 @@ and the engine is the production one. Tests run in file order against one server
    message. Who answers: Triton's own front end for what never reaches the model (a body that is not JSON, not an
    object, a JSON value of the wrong type for a declared input, an unknown input name, an unknown model, the
    non-streaming `generate` endpoint of this decoupled model, a wrong declared dtype over gRPC); TIDE's request
-   validation (`tide_trt/serving/validation`) for everything else — see `KINDS` (`front`/`tide` per kind);
+   validation (`tide_trt/serving/validation`) for everything else — see `KINDS` (`front`/`tide` per kind). What is
+   counted is what was observed: per kind and transport the HTTP status / gRPC outcome of every request, and who
+   answered (TIDE's `tide_requests_rejected_total` moves by one, or Triton answered without reaching the model),
+   which must match the table;
 3. 64 concurrent gRPC streams: all complete with the text each prompt gets when served alone;
 4. 50 streams cancelled mid-stream (after their first token);
 5. then: every slot free, the queue empty, the same greedy answer as in 1, metrics still served;
