@@ -94,7 +94,6 @@ def load_prompt_texts(path: str | Path) -> list[str]:
     return list(texts)
 
 
-
 # ---- the run ------------------------------------------------------------------------------------------------------
 def encode_prompts(models: Models, args: argparse.Namespace) -> tuple[list[list[int]], dict[str, Any]]:
     need = max([args.lossless_prompts, args.min_prompts, *args.batch_sizes])
@@ -108,13 +107,13 @@ def encode_prompts(models: Models, args: argparse.Namespace) -> tuple[list[list[
                  "mean_prompt_tokens": statistics.fmean(len(p) for p in ids)}
 
 
-
 def run_check(args: argparse.Namespace) -> dict[str, Any]:
     budget = Budget(args.budget_s)
     if args.threads:
         torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
-        "benchmark": "gpu_check", "version": 1, "machine": machine(), "argv": args.argv,
+        "benchmark": "gpu_check", "version": 2,  # 2: sampled runs, verdict
+        "machine": machine(), "argv": args.argv,
         "budget_s": args.budget_s, "device": args.device, "tiny": args.tiny, "gamma": args.gamma,
         "lossless": {}, "throughput": {}, "profile": None, "step_breakdown": {},
     }

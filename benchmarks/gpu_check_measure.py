@@ -29,7 +29,6 @@ def cycled(prompts: Sequence[list[int]], n: int) -> list[list[int]]:
     return [list(prompts[i % len(prompts)]) for i in range(n)]
 
 
-
 # ---- engines ---------------------------------------------------------------------------------------------------
 def sync(device: str) -> None:
     """Wait for the device (never inside a CUDA graph capture, where a sync is an error)."""

@@ -102,7 +102,6 @@ def floors(result: dict[str, Any], applies: bool) -> dict[str, Any]:
     return checks
 
 
-
 # ---- verdict --------------------------------------------------------------------------------------------------------
 def verdict(data: dict[str, Any]) -> dict[str, Any]:
     """What the run says: lossless comparisons that found differing outputs (a correctness failure), parts that
