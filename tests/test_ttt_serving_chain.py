@@ -21,6 +21,8 @@ T = 24  # positions of the stored sequence
 GAMMA = 5
 BASES = [0, 3, 9, 14, 18]  # one chain per batch row; the last one ends at position T - 1
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one intra-op thread (conftest)
+
 
 @pytest.fixture(scope="module")
 def head() -> Eagle3Head:
