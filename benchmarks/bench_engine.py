@@ -65,10 +65,21 @@ def _ours_chunk(gen, chunk: list[list[int]], max_new: int, gamma: int, tag: str)
     return sum(len(s.output_ids) for s in res.sequences), res.seconds, sum(s.steps for s in res.sequences)
 
 
+def _adaptive_chunk(gen, plugin, chunk: list[list[int]], max_new: int, tag: str) -> tuple[int, float, int]:
+    from tide_trt.engine.generator import GenerationRequest
+    from tide_trt.runtime import run_with_policy
+
+    eos = gen.engine.info.eos_token_ids
+    reqs = [GenerationRequest(f"{tag}-{j}", p, max_new, stop_token_ids=eos) for j, p in enumerate(chunk)]
+    res = run_with_policy(gen, reqs, plugin, [plugin])
+    return sum(len(s.output_ids) for s in res.sequences), res.seconds, sum(s.steps for s in res.sequences)
+
+
 def run_batch_size(engine, drafters: dict, hf_model, prompts: list[list[int]], max_new: int, bs: int,
-                   gamma: int) -> dict:
+                   gamma: int, adaptive: dict | None = None) -> dict:
     """The systems take turns on each chunk of `bs` prompts (rotating who goes first), so slow drifts of a
-    shared machine hit all of them alike."""
+    shared machine hit all of them alike. `adaptive`: name -> (drafter, ControllerPlugin), controller-driven
+    systems (`tide serve`'s default; the plugin keeps its state across chunks like a running server)."""
     from tide_trt.engine.generator import SpeculativeGenerator
 
     eos = engine.info.eos_token_ids[0]
@@ -76,6 +87,9 @@ def run_batch_size(engine, drafters: dict, hf_model, prompts: list[list[int]], m
     for name, drafter in drafters.items():
         systems[f"ours_spec[{name}]"] = lambda c, i, d=drafter, n=name: _ours_chunk(
             SpeculativeGenerator(engine, d), c, max_new, gamma, f"sp{n}{i}")
+    for name, (drafter, plugin) in (adaptive or {}).items():
+        systems[f"ours_adaptive[{name}]"] = lambda c, i, d=drafter, pl=plugin, n=name: _adaptive_chunk(
+            SpeculativeGenerator(engine, d), pl, c, max_new, f"ad{n}{i}")
     if hf_model is not None:
         systems["hf_generate_fp32"] = lambda c, i: _hf_chunk(hf_model, c, max_new, eos, eos)
     tallies = {name: Tally() for name in systems}
@@ -91,6 +105,13 @@ def run_batch_size(engine, drafters: dict, hf_model, prompts: list[list[int]], m
         row["ratio_ar_vs_hf"] = row["ours_ar"]["tokens_per_s"] / row["hf_generate_fp32"]["tokens_per_s"]
     for name in drafters:
         row[f"ratio_spec_vs_ar[{name}]"] = row[f"ours_spec[{name}]"]["tokens_per_s"] / row["ours_ar"]["tokens_per_s"]
+    for name, (_, plugin) in (adaptive or {}).items():
+        row[f"ratio_adaptive_vs_ar[{name}]"] = (row[f"ours_adaptive[{name}]"]["tokens_per_s"]
+                                                / row["ours_ar"]["tokens_per_s"])
+        state = plugin.state()
+        row[f"controller[{name}]"] = {"committed_gamma": state.committed_gamma, "global_alpha": state.global_alpha,
+                                      "index_drafting": state.index_drafting, "guard_offs": state.guard_offs,
+                                      "index_offs": state.index_offs, "steps_by_gamma": dict(plugin.steps_by_gamma)}
     return row
 
 
@@ -112,6 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "preloaded; rebuilt per batch size so no run sees another's answers to the same prompts)")
     p.add_argument("--workload", choices=["sharegpt", "sharegpt-non-english", "humaneval", "everyday"],
                    default="sharegpt")
+    p.add_argument("--adaptive", action="store_true",
+                   help="also the adaptive controller (tide serve's default, `tide generate --adaptive`) with each "
+                        "drafter: its own drafter and controller per batch size")
+    p.add_argument("--gamma-max", type=int, default=4, help="the adaptive controller's γ range")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -168,12 +193,28 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(str(engine.checkpoint_dir), dtype=torch.float32).eval()
+    profile = None
+    if args.adaptive:
+        from tide_trt.online.engine_profile import cached_engine_profile
+
+        profile = cached_engine_profile(engine, next(iter(drafters.values())), args.gamma_max)
+        result["profile"] = profile.to_dict()
     for bs in args.batch_sizes:
         for d in drafters.values():  # a fresh global index per batch size: no answers to these prompts in it
             if d.suffix is not None:
                 d.suffix = build_suffix_drafter(d.suffix.config, engine.info.max_batch_size, engine.info.max_seq_len)
+        adaptive = None
+        if profile is not None:
+            from tide_trt.config import ControllerConfig
+            from tide_trt.online.control_plugin import ControllerPlugin
+
+            adaptive = {}
+            for name, d in drafters.items():  # its own drafter: its own global index, the same head
+                own = build_drafter(engine, resolve_draft_path(name.split("+")[0]), d.lookup_ngram, d.lookup_gamma,
+                                    d.suffix.config if d.suffix is not None else None)
+                adaptive[name] = (own, ControllerPlugin(ControllerConfig(), profile, args.gamma_max, args.gamma))
         result["runs"][f"bs{bs}"] = run_batch_size(engine, drafters, hf_model, prompts, args.max_new_tokens, bs,
-                                                   args.gamma)
+                                                   args.gamma, adaptive)
     write_json(result, args.out)
     return result
 

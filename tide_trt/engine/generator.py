@@ -132,7 +132,7 @@ class SpeculativeGenerator:
         self.last_step_prompt_tokens = 0  # prompt tokens the last step prefilled (step timing excludes such steps)
         # rows the last step drafted for: (by the EAGLE-3 head, by the suffix index alone — no draft cost)
         self.last_step_draft_rows: tuple[int, int] = (0, 0)
-        self._index_slots: set[int] = set()  # slots the last proposal took from the suffix index
+        self.last_step_index_slots: frozenset[int] = frozenset()  # slots the last step drafted from the index
         # per draft source ("head", "index"): rows drafted, draft tokens, accepted draft tokens (since start)
         self.draft_source_stats = {src: {"rows": 0, "draft_tokens": 0, "accepted_tokens": 0}
                                    for src in ("head", "index")}
@@ -193,14 +193,17 @@ class SpeculativeGenerator:
 
     # ---- one engine step ----------------------------------------------------------------------------------
     def step(self, gamma: int, drafting: Collection[str] | None = None,
-             gammas: Mapping[str, int] | None = None) -> list[StepEvent]:
+             gammas: Mapping[str, int] | None = None, index_off_rows: bool = False) -> list[StepEvent]:
         """One engine step at draft length γ. `drafting`: the request ids that draft this step (None: all);
         the others decode one token in the same target pass (a controller's probe of a few requests).
-        `gammas`: per-request draft lengths overriding γ for the listed requests."""
+        `gammas`: per-request draft lengths overriding γ for the listed requests. `index_off_rows`: rows that do
+        not draft at γ (γ = 0, or outside `drafting`) still draft where the suffix index is confident — the head
+        is off, the nearly free index is not (a controller's index-only steps); without it γ = 0 is plain."""
         running = sorted((s for s in self.sequences.values() if s.prefilled and not s.finished),
                          key=lambda s: s.slot)
         waiting = [s for s in self.sequences.values() if not s.prefilled and not s.finished]  # arrival order
-        row_gammas, looked_up = self._row_gammas(running, gamma, drafting, gammas, prefill_waiting=bool(waiting))
+        row_gammas, looked_up = self._row_gammas(running, gamma, drafting, gammas, prefill_waiting=bool(waiting),
+                                                 index_off_rows=index_off_rows)
         chunks = plan_prompt_chunks(waiting, self.max_num_tokens - sum(g + 1 for g in row_gammas))
         self.last_step_prompt_tokens = sum(n for _, n in chunks)
         if not running and not chunks:
@@ -217,7 +220,7 @@ class SpeculativeGenerator:
         return self._commit_step(batch, out, running, row_gammas, chunks, proposal)
 
     def _row_gammas(self, running: list[SequenceState], gamma: int, drafting: Collection[str] | None,
-                    overrides: Mapping[str, int] | None, prefill_waiting: bool
+                    overrides: Mapping[str, int] | None, prefill_waiting: bool, index_off_rows: bool = False
                     ) -> tuple[list[int], dict[int, list[int] | None]]:
         """Draft length of each running row: γ (or its override) where it drafts — the suffix index's own γᵢ where
         it is confident (draft.suffix), else draft.lookup_gamma where the n-gram lookup covers the row —, capped by
@@ -242,7 +245,8 @@ class SpeculativeGenerator:
             g = gamma if drafting is None or rid in drafting else 0
             if overrides is not None and rid in overrides:
                 g = overrides[rid]
-            if g > 0 and drafter.suffix is not None:  # a confident index row drafts its own γᵢ at no draft cost
+            if (g > 0 or index_off_rows) and drafter.suffix is not None:  # a confident index row: its own γᵢ,
+                # at no draft cost
                 prop = drafter.index_draft(s.slot, s.tokens, index_cap)
                 if prop is not None:
                     looked_up[s.slot] = list(prop.tokens)
@@ -266,7 +270,7 @@ class SpeculativeGenerator:
         drafter = self.drafter
         if drafter is None or drafter.suffix is None:
             self.last_step_draft_rows = (len(drafting), 0)
-            self._index_slots = set()
+            self.last_step_index_slots = frozenset()
             return self._propose_head(drafting, looked_up)
         # hybrid: index rows take their suffix-index draft and cost the head nothing — their draft cache falls
         # behind and catches up (within the window) when the head drafts for them again; the head catches up and
@@ -274,7 +278,7 @@ class SpeculativeGenerator:
         head_rows = [(s, g) for s, g in drafting if looked_up.get(s.slot) is None]
         index_rows = [(s, g) for s, g in drafting if looked_up.get(s.slot) is not None]
         self.last_step_draft_rows = (len(head_rows), len(index_rows))
-        self._index_slots = {s.slot for s, _ in index_rows}
+        self.last_step_index_slots = frozenset(s.slot for s, _ in index_rows)
         head = self._propose_head(head_rows, {})
         if not index_rows:
             return head
@@ -379,7 +383,7 @@ class SpeculativeGenerator:
             s.draft_tokens += row.gamma
             s.accepted_tokens += k
             if row.gamma:
-                tally = self.draft_source_stats["index" if s.slot in self._index_slots else "head"]
+                tally = self.draft_source_stats["index" if s.slot in self.last_step_index_slots else "head"]
                 tally["rows"] += 1
                 tally["draft_tokens"] += row.gamma
                 tally["accepted_tokens"] += k
