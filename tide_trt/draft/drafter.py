@@ -363,15 +363,12 @@ class ChainDrafter:
         dev = self.device
         counts = [len(t) for t in pending_tokens]
         width = max(counts)
-        c_h = pending_hidden[0].shape[-2:]
-        feats = torch.zeros((len(slots), width, *c_h), dtype=self.dtype, device=dev)  # [B, W, C, H]
-        toks = torch.zeros((len(slots), width), dtype=torch.long, device=dev)  # [B, W]
-        for b, (h, t) in enumerate(zip(pending_hidden, pending_tokens, strict=True)):
-            feats[b, : len(t)] = h.to(device=dev, dtype=self.dtype)
-            toks[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-        slot_t = torch.tensor(slots, dtype=torch.long, device=dev)
-        starts = torch.tensor([self.cached[s] for s in slots], dtype=torch.long, device=dev)  # [B]
-        last = torch.tensor([n - 1 for n in counts], dtype=torch.long, device=dev)  # [B]
+        feats = torch.nn.utils.rnn.pad_sequence([h.to(device=dev) for h in pending_hidden],
+                                                batch_first=True).to(self.dtype)  # [B, W, C, H]
+        # one host tensor for every row's ids, slot, start and last entry, one copy to the device
+        meta = torch.tensor([t + [0] * (width - len(t)) + [s, self.cached[s], len(t) - 1]
+                             for s, t in zip(slots, pending_tokens, strict=True)], dtype=torch.long).to(dev)
+        toks, slot_t, starts, last = meta[:, :width], meta[:, width], meta[:, width + 1], meta[:, width + 2]
         return self.head.step(self.cache, slot_t, self.head.fuse(feats), toks, starts, last)
 
     def _pick(self, logits: torch.Tensor, sampling: DraftSampling | None):
