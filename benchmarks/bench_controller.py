@@ -68,6 +68,12 @@ def _prediction_error(before, after) -> dict:
             "load_factor_end": after.load_factor}
 
 
+def _with_head_of(fresh, drafter):
+    """`fresh` (a newly built drafter: its own suffix index) serving the head of `drafter`."""
+    fresh.swap(drafter.head, drafter.version)
+    return fresh
+
+
 def _mismatched(engine, trained):
     from tide_trt.draft.drafter import ChainDrafter
     from tide_trt.training.offline import new_head
@@ -176,6 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lookup-ngram", type=int, default=0, help="draft.lookup_ngram of the trained draft")
     p.add_argument("--lookup-gamma", type=int, default=0, help="draft.lookup_gamma of the trained draft")
     p.add_argument("--skip-mismatched", action="store_true", help="only the trained draft")
+    p.add_argument("--suffix", choices=["on", "off"], default="on",
+                   help="draft.suffix (the serving default: on): the suffix index + head hybrid; static and adaptive "
+                        "then each get their own drafter, so that one system's served answers never reach the other's "
+                        "global index")
     p.add_argument("--warmup-requests", type=int, default=2,
                    help="requests each system serves before the measured turns (first-call costs, not measured)")
     p.add_argument("--phases", nargs="+", default=["quiet", "loaded"], choices=["quiet", "loaded"],
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
-    from tide_trt.config import ControllerConfig, EngineConfig, ModelConfig
+    from tide_trt.config import ControllerConfig, EngineConfig, ModelConfig, SuffixConfig
     from tide_trt.engine.generator import SpeculativeGenerator
     from tide_trt.engine.hooks import StaticGamma
     from tide_trt.engine.torch_engine import TorchTargetEngine
@@ -202,7 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
             max_seq_len=args.max_prompt_tokens + args.max_new_tokens + 16,
         ),
     )
-    trained = build_drafter(engine, resolve_draft_path(args.draft), args.lookup_ngram, args.lookup_gamma)
+    suffix = SuffixConfig() if args.suffix == "on" else None
+
+    def trained_drafter():
+        return build_drafter(engine, resolve_draft_path(args.draft), args.lookup_ngram, args.lookup_gamma, suffix)
+
+    trained = trained_drafter()
     drafts = {"trained": trained} if args.skip_mismatched else {"trained": trained,
                                                                 "mismatched": _mismatched(engine, trained)}
     profile = cached_engine_profile(engine, trained, args.gamma_max)
@@ -221,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         "gamma_max": args.gamma_max,
         "draft": str(resolve_draft_path(args.draft)),
         "lookup_ngram": args.lookup_ngram,
+        "suffix": args.suffix,
         "phases": args.phases,
         "hog_procs": args.hog_procs,
         "plans": {str(c): {"chunk": ch, "turns": t} for c, (ch, t) in plans.items()},
@@ -232,10 +248,15 @@ def main(argv: list[str] | None = None) -> dict:
         chunk, turns = plans[c]
         for name, drafter in drafts.items():
             plugin = ControllerPlugin(ControllerConfig(mode="adaptive"), profile, args.gamma_max, args.static_gamma)
+            # with the suffix index each speculating system has its own drafter (its own global index of what it
+            # served); the head weights are the same
+            static_d, adaptive_d = ((drafter, drafter) if suffix is None else
+                                    (_with_head_of(trained_drafter(), drafter),
+                                     _with_head_of(trained_drafter(), drafter)))
             systems = {  # the adaptive controller keeps its state across turns and phases, like a running server
                 "no_spec": lambda: (SpeculativeGenerator(engine, None), StaticGamma(0), []),
-                "static": lambda d=drafter: (SpeculativeGenerator(engine, d), StaticGamma(args.static_gamma), []),
-                "adaptive": lambda d=drafter, pl=plugin: (SpeculativeGenerator(engine, d), pl, [pl]),
+                "static": lambda d=static_d: (SpeculativeGenerator(engine, d), StaticGamma(args.static_gamma), []),
+                "adaptive": lambda d=adaptive_d, pl=plugin: (SpeculativeGenerator(engine, d), pl, [pl]),
             }
             order = list(systems)
             warm = prompts[-max(args.warmup_requests, 0):] if args.warmup_requests > 0 else []

@@ -37,7 +37,7 @@ PHASES: dict[str, list[tuple[str, str]]] = {
     "forward": [("engine", "forward_step")],
     "draft_compute": [("drafter.head", "step"), ("drafter.head", "greedy_chain")],
     "verify": [("generator_module", "mixed_verify"), ("", "_verify")],
-    "commit": [("", "_commit_step"), ("", "_commit_rows")],
+    "commit": [("", "_commit_step"), ("", "_commit_rows"), ("drafter", "observe")],
 }
 COMPUTE = ("forward", "draft_compute")
 

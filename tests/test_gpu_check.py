@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.py runs on CPU with a tiny model, on a machine without the optional packages the GPU
-machine lacks, and its lossless check really compares outputs (it reports a deliberately broken comparison)."""
+machine lacks, and its lossless check really compares outputs: a deliberately broken comparison is reported and
+makes the run exit 1 (missed floors are only reported)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_check import PROMPTS_FILE, compare_outputs, load_prompt_texts
+from benchmarks.gpu_check import PROMPTS_FILE, load_prompt_texts
+from benchmarks.gpu_check_measure import compare_outputs
+from benchmarks.gpu_check_report import verdict
 
 REPO = Path(__file__).resolve().parents[1]
 # not installed on the GPU machine (only torch, transformers, numpy, safetensors, tqdm, pyyaml, gguf): the
@@ -43,11 +46,13 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, subprocess
 def test_every_part_runs_without_the_optional_packages(full_run):
     data, proc = full_run
     assert proc.returncode == 0 and data["errors"] == [], proc.stderr[-4000:]
+    assert data["verdict"] == {"lossless_failed": [], "errors": [], "floors_missed": [], "exit_code": 0}
     assert data["skipped"] == [] and data["within_budget"]
     variants = {"bfloat16/graphs_on", "bfloat16/graphs_off", "float32/graphs_on", "float32/graphs_off"}
     assert set(data["engines"]) == variants
-    for cfg in data["engines"].values():  # the switches reach EngineConfig
+    for cfg in data["engines"].values():  # the switches reach EngineConfig; graphs sized for the largest γ run
         assert cfg["unsupported_switches"] == []
+        assert cfg["gamma_max"] == 3 and cfg["graph_max_tokens"] == 64  # max(--gamma 3, --profile-gamma-max 2)
     assert {cfg["effective"]["cuda_graphs"] for cfg in data["engines"].values()} == {True, False}
 
     assert set(data["lossless"]) == variants
@@ -62,11 +67,13 @@ def test_every_part_runs_without_the_optional_packages(full_run):
         with_hf = name == "bfloat16/graphs_on"  # HF generate runs beside the first variant only
         for row in table.values():
             assert not row["truncated_by_budget"]
-            for system in ("plain", "spec", "hf_generate") if with_hf else ("plain", "spec"):
+            systems = ["plain", "spec", "plain_sampled", "spec_sampled"] + (["hf_generate"] if with_hf else [])
+            for system in systems:
                 assert row[system]["tokens"] > 0 and row[system]["tokens_per_s"] > 0
             assert ("hf_generate" in row) == with_hf and ("plain_vs_hf" in row) == with_hf
             assert row["spec"]["tau"] > 1.0 and row["plain"]["tau"] == 1.0
-            assert row["spec_vs_plain"] > 0
+            assert row["spec_sampled"]["acceptance"] > 0 and row["plain_sampled"]["tau"] == 1.0  # sampled steps ran
+            assert row["spec_vs_plain"] > 0 and row["spec_vs_plain_sampled"] > 0
 
     prof = data["profile"]
     assert prof is not None and "T(n) ms" in prof["table"] and "D(b) ms" in prof["table"]
@@ -77,20 +84,36 @@ def test_every_part_runs_without_the_optional_packages(full_run):
     assert row["plain"]["target_forward_calls_per_step"] >= 1 and row["plain"]["draft_ms"] is None
     assert row["spec"]["draft_calls_per_step"] >= 1 and row["spec"]["draft_ms"] > 0
     assert row["spec"]["step_ms"] >= row["spec"]["target_forward_ms"] + row["spec"]["draft_ms"]
+    assert row["spec_sampled"]["decode_steps"] > 0 and row["spec_sampled"]["draft_calls_per_step"] >= 1
 
     assert data["floors"]["applies"] is False and data["floors"]["lossless_all_identical"]["passed"]
-    assert "| lossless | identical |" in proc.stdout
+    assert "| lossless | identical |" in proc.stdout and "sampled spec tok/s" in proc.stdout
 
 
-def test_a_broken_comparison_is_reported(tmp_path: Path):
-    """The speculative side samples at temperature 1 (--break-spec): the check must see differing outputs."""
+def test_a_broken_comparison_fails_the_run(tmp_path: Path):
+    """The speculative side samples at temperature 1 (--break-spec): the check must see differing outputs and
+    exit 1 (no part raised: the failure is the comparison's)."""
     data, proc = _run_check(tmp_path / "broken.json", "--break-spec", "--sections", "lossless",
                             "--dtypes", "float32", "--graphs", "off")
-    assert proc.returncode == 0 and data["errors"] == [], proc.stderr[-4000:]
+    assert proc.returncode == 1 and data["errors"] == [], proc.stderr[-4000:]
     row = data["lossless"]["float32/graphs_off"]
     assert row["broken_on_purpose"] and not row["passed"]
     assert row["identical"] < row["total"] == 4 and len(row["mismatches"]) == row["total"] - row["identical"]
     assert data["floors"]["lossless_all_identical"]["passed"] is False
+    assert data["verdict"]["lossless_failed"] == ["float32/graphs_off"] and data["verdict"]["exit_code"] == 1
+    assert "FAILED: greedy speculative output differs from plain in float32/graphs_off" in proc.stdout
+
+
+def test_verdict_fails_on_lossless_or_errors_and_only_reports_floors():
+    ok = {"passed": True, "identical": 4, "total": 4}
+    floors = {"applies": True, "bs1_plain_tokens_per_s": {"passed": False}, "bs64_plain_tokens_per_s": {"passed": True},
+              "lossless_all_identical": {"passed": True}}
+    missed = verdict({"lossless": {"a": ok}, "errors": [], "floors": floors})
+    assert missed == {"lossless_failed": [], "errors": [], "floors_missed": ["bs1_plain_tokens_per_s"], "exit_code": 0}
+    assert verdict({"lossless": {"a": ok, "b": {**ok, "passed": False}}, "errors": [], "floors": floors}
+                   )["exit_code"] == 1
+    assert verdict({"lossless": {"a": ok}, "errors": [{"part": "throughput x"}], "floors": {}})["exit_code"] == 1
+    assert verdict({"lossless": {}, "errors": [], "floors": {**floors, "applies": False}})["floors_missed"] == []
 
 
 def test_compare_outputs_finds_the_first_difference():
@@ -115,7 +138,7 @@ def test_plan_puts_the_first_variant_and_every_lossless_check_first():
 
 
 def test_budget_guard_records_what_it_skipped(tmp_path: Path):
-    from benchmarks.gpu_check import Budget, Report
+    from benchmarks.gpu_check_report import Budget, Report
 
     budget = Budget(0.0)
     report = Report(tmp_path / "r.json", budget, {})

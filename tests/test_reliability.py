@@ -9,7 +9,10 @@ and the engine is the production one. Tests run in file order against one server
    message. Who answers: Triton's own front end for what never reaches the model (a body that is not JSON, not an
    object, a JSON value of the wrong type for a declared input, an unknown input name, an unknown model, the
    non-streaming `generate` endpoint of this decoupled model, a wrong declared dtype over gRPC); TIDE's request
-   validation (`tide_trt/serving/validation`) for everything else — see `KINDS` (`front`/`tide` per kind);
+   validation (`tide_trt/serving/validation`) for everything else — see `KINDS` (`front`/`tide` per kind). What is
+   counted is what was observed: per kind and transport the HTTP status / gRPC outcome of every request, and who
+   answered (TIDE's `tide_requests_rejected_total` moves by one, or Triton answered without reaching the model),
+   which must match the table;
 3. 64 concurrent gRPC streams: all complete with the text each prompt gets when served alone;
 4. 50 streams cancelled mid-stream (after their first token);
 5. then: every slot free, the queue empty, the same greedy answer as in 1, metrics still served;
@@ -280,20 +283,21 @@ KINDS: dict[str, tuple[str, tuple[str, bytes, int] | None, dict | None, str]] = 
 ROUNDS = 7  # each kind, each transport it applies to, ROUNDS times
 
 
-def _grpc_error(client, events: queue.Queue, changes: dict, rid: str) -> str | None:
-    """The error message of one malformed request over an open gRPC stream (None: no error came back)."""
+def _grpc_error(client, events: queue.Queue, changes: dict, rid: str) -> tuple[str | None, str]:
+    """The error message of one malformed request over an open gRPC stream (None: no error came back) and the
+    observed code: the error's gRPC status, "client" when the client library refused to send it."""
     from tritonclient.utils import InferenceServerException
 
     try:
         client.async_stream_infer("tide", _grpc_inputs(changes), request_id=rid, enable_empty_final_response=True)
     except InferenceServerException as exc:  # rejected by the client library before sending: still an error
-        return exc.message()
+        return exc.message(), "client"
     while True:
         result, error = events.get(timeout=60)
         if error is not None:
-            return error.message()
+            return error.message(), str(error.status() or "stream error")  # Triton sets no status on a stream
         if result.get_response().parameters.get("triton_final_response").bool_param:
-            return None
+            return None, "ok"
 
 
 def _http_error(text: str) -> str:
@@ -306,35 +310,61 @@ def _http_error(text: str) -> str:
     return str(json.loads(body).get("error", ""))
 
 
+def _answered_by(served: Served, before: float) -> str:
+    """Who answered the request just sent, observed: TIDE's validation counts each request it refuses
+    (`tide_requests_rejected_total`), Triton's front end refuses without reaching the model. Waits up to 1.5 s
+    (the metrics refresh every 0.2 s) for the count to move."""
+    after = wait_metrics(served, lambda m: m["tide_requests_rejected_total"] > before, timeout=1.5)
+    delta = after["tide_requests_rejected_total"] - before
+    return {0.0: "front", 1.0: "tide"}.get(delta, f"{delta:+g} rejections")
+
+
 def test_malformed_requests_get_errors_with_messages(served: Served) -> None:
     import tritonclient.grpc as grpcclient
 
-    counts: Counter = Counter()
-    codes: Counter = Counter()
+    observed: dict[str, Counter] = {kind: Counter() for kind in KINDS}  # kind -> (transport, observed code) counts
+    who: dict[tuple[str, str], str] = {}  # (kind, transport) -> who answered, observed in the first round
     client = grpcclient.InferenceServerClient(served.grpc)
     events: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: events.put((result, error)))
     try:
         for r in range(ROUNDS):
-            for kind, (who, http, changes, expected) in KINDS.items():
+            for kind, (_, http, changes, expected) in KINDS.items():
                 if http is not None:
                     path, body, status = http
+                    before = metrics(served)["tide_requests_rejected_total"] if r == 0 else 0.0
                     code, text = http_raw(served, path, body)
+                    if r == 0:
+                        who[kind, "http"] = _answered_by(served, before)
                     message = _http_error(text)
                     assert code == status and message and expected in message, (kind, code, text)
-                    counts["http", who] += 1
-                    codes[code] += 1
+                    observed[kind]["http", code] += 1
                 if changes is not None:
-                    message = _grpc_error(client, events, changes, f"bad{r}-{kind}")
+                    before = metrics(served)["tide_requests_rejected_total"] if r == 0 else 0.0
+                    message, status_code = _grpc_error(client, events, changes, f"bad{r}-{kind}")
+                    if r == 0:
+                        who[kind, "grpc"] = _answered_by(served, before)
                     assert message and expected in message, (kind, message)
-                    counts["grpc", who] += 1
+                    observed[kind]["grpc", status_code] += 1
     finally:
         client.stop_stream()
         client.close()
-    total = sum(counts.values())
-    print(f"\n[reliability] malformed: {total} requests of {len(KINDS)} kinds, "
-          f"by (transport, who answered): {dict(counts)}, HTTP codes: {dict(codes)}")
+    total = sum(sum(c.values()) for c in observed.values())
+    print(f"\n[reliability] malformed: {total} requests of {len(KINDS)} kinds; per kind: who answered (observed), "
+          "(transport, code) counts:")
+    for kind, counts in observed.items():
+        answered = {t: w for (k, t), w in who.items() if k == kind}
+        print(f"  {kind}: {answered} {dict(counts)}")
     assert total >= 200 and len(KINDS) >= 15
+    for kind, (label, http, changes, _) in KINDS.items():
+        for transport, sent in (("http", http), ("grpc", changes)):
+            if sent is not None:
+                assert who[kind, transport] == label, (kind, transport, who[kind, transport])
+        if http is not None:  # every round got the same status
+            assert observed[kind]["http", http[2]] == ROUNDS, (kind, observed[kind])
+        if changes is not None:
+            assert sum(n for (t, _), n in observed[kind].items() if t == "grpc") == ROUNDS, (kind, observed[kind])
+            assert ("grpc", "ok") not in observed[kind], (kind, observed[kind])
     assert generate(served.grpc, PROMPT, 16, stream=True).text == served.greedy[PROMPT]
 
 

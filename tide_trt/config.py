@@ -223,6 +223,9 @@ class ControllerConfig(_Section):
     guard_min_plain_samples: int = _num(4, ge=1)  # plain steps needed (4 probes: the mean's noise ≈ ±8 % / 2)
     # speculation turns off when its live goodput is below plain's by more than this (noise of two window means)
     guard_margin: float = _num(0.03, ge=0.0, lt=1.0)
+    # a hybrid drafter's suffix index drafts its confident rows while the head's γ is 0 (its rows cost no draft
+    # time, only verification tokens); its own live guard (same window and probes) turns it off where it loses
+    index_when_off: bool = True
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,9 @@ class TrainerConfig(_Section):
     eval_gamma: int = _num(3, ge=1)  # chain length of the held-out simulated acceptance
     gate_baseline: GateBaseline = "served"  # "served" (Algorithm 1) | "parent" (old draft on held-out) | "max"
     gate_min_served_trials: int = _num(100, ge=0)  # fewer served draft trials than this: compare with the parent
+    # with draft.suffix on, compare old and new head where the replayed suffix index leaves positions to the head
+    # (what serving gains), the old head there as the baseline (online/index_replay.py)
+    hybrid_gate: bool = True
     autocast: bool = True  # bf16 autocast for training matmuls on CUDA and bf16-capable CPUs (weights stay fp32)
     save_dtype: Dtype = "bfloat16"  # dtype of published versions
     max_round_seconds: float = _num(0.0, ge=0.0)  # 0 = no time budget per round

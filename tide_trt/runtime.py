@@ -51,14 +51,15 @@ def resolve_draft_path(path: str) -> Path | None:
 
 
 def build_engine(cfg: TideConfig) -> TargetEngine:
-    """The target engine of `engine.backend` (torch | trtllm; the config validated the choice)."""
+    """The target engine of `engine.backend` (torch | trtllm; the config validated the choice); the torch
+    engine's CUDA graphs cover steps of `draft.gamma_max` drafts per row."""
     if cfg.engine.backend == "trtllm":
         from tide_trt.engine.trtllm_engine import TrtllmTargetEngine
 
         return TrtllmTargetEngine.from_config(cfg.model, cfg.engine)
     from tide_trt.engine.torch_engine import TorchTargetEngine
 
-    return TorchTargetEngine.from_config(cfg.model, cfg.engine)
+    return TorchTargetEngine.from_config(cfg.model, cfg.engine, gamma_max=cfg.draft.gamma_max)
 
 
 def build_drafter(engine: TargetEngine, draft_path: str | Path, lookup_ngram: int = 0,

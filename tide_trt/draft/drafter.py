@@ -86,7 +86,7 @@ class ChainDrafter:
         # `observe`, which knows C and H): catch-up and refit re-feed read them
         self.history: torch.Tensor | None = None
         self._planned: dict[int, list[int] | None] = {}  # slot -> this step's index / lookup draft (plan)
-        self.index_slots: set[int] = set()  # slots the last proposal took from the suffix index
+        self.index_slots: frozenset[int] = frozenset()  # slots the last proposal took from the suffix index
         self.last_step_draft_rows: tuple[int, int] = (0, 0)  # (head rows, index rows) of the last proposal
 
     @classmethod
@@ -215,8 +215,8 @@ class ChainDrafter:
     def plan(self, slots: Sequence[int], tokens: Sequence[list[int]], request_ids: Sequence[str],
              drafting: StepDrafting) -> list[int]:
         """Each row's wanted draft length: the head's γ (`drafting`), or the suffix index's own γᵢ where it is
-        confident (consulted where the head drafts, and everywhere when `drafting.index`), or draft.lookup_gamma
-        where the n-gram lookup covers the row. The drafts found are kept for `propose_step`."""
+        confident (consulted where the head drafts, and on the other rows too with `drafting.index_off_rows`), or
+        draft.lookup_gamma where the n-gram lookup covers the row. The drafts found are kept for `propose_step`."""
         self._planned = {}
         suffix = self.suffix
         lookup_gamma = self.lookup_gamma if self.lookup_ngram > 0 and suffix is None else 0
@@ -229,7 +229,7 @@ class ChainDrafter:
         out = []
         for slot, toks, rid in zip(slots, tokens, request_ids, strict=True):
             g = drafting.head_gamma(rid)
-            if suffix is not None and (g > 0 or drafting.index):  # a confident index row: its own γᵢ, no head work
+            if suffix is not None and (g > 0 or drafting.index_off_rows):  # a confident index row: own γᵢ, no head
                 prop = self.index_draft(slot, toks, index_cap)
                 if prop is not None:
                     self._planned[slot] = list(prop.tokens)
@@ -249,7 +249,7 @@ class ChainDrafter:
         index_rows = [r for r in rows if gammas[r] > 0 and self._planned.get(slots[r]) is not None
                       and self.suffix is not None]
         head_rows = [r for r in rows if gammas[r] > 0 and r not in set(index_rows)]
-        self.index_slots = {slots[r] for r in index_rows}
+        self.index_slots = frozenset(slots[r] for r in index_rows)
         self.last_step_draft_rows = (len(head_rows), len(index_rows))
         gmax = max(gammas, default=0)
         dev = self.device

@@ -9,14 +9,15 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class StepDrafting:
     """gamma: the EAGLE-3 head's draft length (0: the head does not draft); rows: the requests the head drafts for
-    (None: all of them; a controller's probe: a few); gammas: per-request draft lengths overriding gamma; index:
-    confident suffix-index rows may draft where the head's length is 0 (rows the head drafts for always consult
-    the index when the drafter has one)."""
+    (None: all of them; a controller's probe: a few); gammas: per-request draft lengths overriding gamma;
+    index_off_rows: rows the head does not draft for (γ = 0, or outside `rows`) still draft where the suffix index
+    is confident — the head is off, the nearly free index is not (a controller's index-only steps); without it
+    γ = 0 is plain decoding. Rows the head drafts for always consult the index when the drafter has one."""
 
     gamma: int = 0
     rows: Collection[str] | None = None
     gammas: Mapping[str, int] | None = None
-    index: bool = False
+    index_off_rows: bool = False
 
     def head_gamma(self, request_id: str) -> int:
         """The head's draft length for this request."""
@@ -30,4 +31,4 @@ class StepDrafting:
     @property
     def drafts(self) -> bool:
         """Whether any row may draft this step."""
-        return self.gamma > 0 or self.index or bool(self.gammas and any(g > 0 for g in self.gammas.values()))
+        return self.gamma > 0 or self.index_off_rows or bool(self.gammas and any(g > 0 for g in self.gammas.values()))

@@ -60,6 +60,11 @@ class SpeculativeGenerator:
         """Rows the last step drafted for: (by the EAGLE-3 head, by the suffix index alone — no draft cost)."""
         return self.drafter.last_step_draft_rows if self.drafter is not None else (0, 0)
 
+    @property
+    def last_step_index_slots(self) -> frozenset[int]:
+        """Slots the last step drafted from the suffix index."""
+        return self.drafter.index_slots if self.drafter is not None else frozenset()
+
     # ---- admission ----------------------------------------------------------------------------------------
     def add(self, req: GenerationRequest) -> SequenceState:
         info = self.engine.info
@@ -154,7 +159,7 @@ class SpeculativeGenerator:
             return None
         if not any(gammas):
             self.drafter.last_step_draft_rows = (0, 0)
-            self.drafter.index_slots = set()
+            self.drafter.index_slots = frozenset()
             return None
         return self.drafter.propose_step([s.slot for s in running], [s.tokens for s in running], gammas,
                                          None if sampling is None else sampling.select(range(len(running))))
@@ -179,7 +184,7 @@ class SpeculativeGenerator:
         r_rows = len(batch.rows)
         accepted, tokens = packed[:r_rows], packed[r_rows:]
         token_lo, logit_lo = batch.host_cu_seqlens, batch.host_logit_cu
-        index_slots = self.drafter.index_slots if self.drafter is not None else set()
+        index_slots = self.last_step_index_slots
         max_seq = self.engine.info.max_seq_len
         events: list[StepEvent] = []
         for r, s in enumerate(running):

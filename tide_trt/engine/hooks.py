@@ -4,8 +4,9 @@ The scheduler (serving) or a benchmark loop calls, around every `SpeculativeGene
     gamma = policy.choose_gamma(active_request_ids)
     drafting = policy.drafting(active_request_ids)    # None: all draft; else the few a probe speculates on
     gammas = policy.row_gammas(active_request_ids)    # optional: per-row γᵢ overrides (None: γ for every row)
+    index = policy.index_off_rows()                   # optional: rows the head skips may draft from the index
     for p in plugins: p.before_step(generator)        # e.g. refit: swap draft weights between steps
-    events = generator.step(StepDrafting(gamma, drafting, gammas))   # the one way to say how a step drafts
+    events = generator.step(StepDrafting(gamma, drafting, gammas, index))   # the one way to say how a step drafts
     for p in plugins: p.after_step(generator, gamma, events, seconds)
     for each finished sequence: p.on_finish(seq) (before the slot is released)
 `metrics()` returns flat name -> value pairs for Prometheus and server stats; `close()` is called once when the
@@ -80,16 +81,18 @@ def run_step(generator: SpeculativeGenerator, policy: GammaPolicy, plugins: Sequ
              ) -> tuple[int, list[StepEvent], float]:
     """One engine step with plugins around it. Returns (gamma, events, seconds)."""
     active = [rid for rid, s in generator.sequences.items() if not s.finished]
-    gamma, drafting, gammas = 0, None, None
+    gamma, drafting, gammas, index = 0, None, None, False
     if generator.drafter is not None:
         gamma = policy.choose_gamma(active)
         drafting = policy.drafting(active) if gamma > 0 else None
-        row_fn = getattr(policy, "row_gammas", None)  # optional part of a GammaPolicy
+        row_fn = getattr(policy, "row_gammas", None)  # optional parts of a GammaPolicy
         gammas = row_fn(active) if row_fn is not None and gamma > 0 else None
+        index_fn = getattr(policy, "index_off_rows", None)
+        index = bool(index_fn()) if index_fn is not None else False
     for p in plugins:
         p.before_step(generator)
     t0 = time.perf_counter()
-    events = generator.step(StepDrafting(gamma, drafting, gammas or None))
+    events = generator.step(StepDrafting(gamma, drafting, gammas or None, index_off_rows=index))
     seconds = time.perf_counter() - t0
     for p in plugins:
         p.after_step(generator, gamma, events, seconds)

@@ -7,7 +7,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from tide_trt.config import DraftConfig, EngineConfig, ModelConfig
+from tide_trt.config import EngineConfig, ModelConfig
 from tide_trt.engine.base import DTYPES, ModelInfo, TargetEngine, default_capture_layers
 from tide_trt.engine.cuda_graphs import GraphCache
 from tide_trt.engine.kv_cache import KVCache
@@ -69,8 +69,21 @@ def resolve_weights(cfg: EngineConfig, ckpt: LoadedCheckpoint) -> tuple[str, dic
     return fmt, quant
 
 
+def graph_step_tokens(cfg: EngineConfig, gamma_max: int) -> int:
+    """The largest padded step CUDA graphs are captured for: a full batch (`engine.max_batch_size` rows) each
+    verifying `gamma_max` drafts (`draft.gamma_max`, as configured), within the token budget
+    (`engine.max_num_tokens`). Larger steps (prompt chunks) run the same fixed-shape function eagerly."""
+    if gamma_max < 0:
+        raise TideError(f"gamma_max must be >= 0, got {gamma_max}")
+    return padded_size(min(cfg.max_num_tokens, cfg.max_batch_size * (gamma_max + 1)))
+
+
 class TorchTargetEngine(TargetEngine):
-    def __init__(self, ckpt: LoadedCheckpoint, cfg: EngineConfig, tokenizer: object | None = None):
+    def __init__(self, ckpt: LoadedCheckpoint, cfg: EngineConfig, tokenizer: object | None = None, *,
+                 gamma_max: int = 0):
+        """`gamma_max`: the longest draft a step verifies (`draft.gamma_max`; 0: plain decoding only), which
+        sizes the CUDA graphs (`graph_step_tokens`); `from_config` / `runtime.build_engine` pass the configured
+        value."""
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise TideError(f"engine.device={cfg.device} but CUDA is not available")
         if cfg.num_threads > 0:
@@ -116,7 +129,7 @@ class TorchTargetEngine(TargetEngine):
         self._max_num_tokens = cfg.max_num_tokens
         # steps up to a full batch verifying γ_max drafts replay a CUDA graph per padded size; larger ones (prompt
         # chunks) run the same fixed-shape function eagerly
-        self.graph_max_tokens = padded_size(min(cfg.max_num_tokens, cfg.max_batch_size * (DraftConfig.gamma_max + 1)))
+        self.graph_max_tokens = graph_step_tokens(cfg, gamma_max)
         self.graphs = GraphCache(self._static_step, cfg.device, enabled=self.static_steps and cfg.cuda_graphs,
                                  name="target step")
         log.info("torch engine: %s weights, %s activations%s%s%s", cfg.dtype if weights == "bf16" else weights,
@@ -126,9 +139,10 @@ class TorchTargetEngine(TargetEngine):
         self.slots = SlotTable(cfg.max_batch_size)
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> TorchTargetEngine:
+    def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig, gamma_max: int = 0) -> TorchTargetEngine:
+        """`gamma_max`: `draft.gamma_max` of the configuration (sizes the CUDA graphs; 0: plain decoding only)."""
         ckpt = load_checkpoint(model_cfg.path, model_cfg.cache_dir)
-        return cls(ckpt, engine_cfg, load_tokenizer(ckpt.path))
+        return cls(ckpt, engine_cfg, load_tokenizer(ckpt.path), gamma_max=gamma_max)
 
     # --- slots -------------------------------------------------------------------------------------------
     def allocate_slot(self) -> int:

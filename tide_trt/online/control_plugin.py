@@ -37,6 +37,10 @@ class ControllerPlugin:
     def drafting(self, request_ids: Sequence[str]) -> Collection[str] | None:
         return self.controller.drafting(request_ids)
 
+    def index_off_rows(self) -> bool:
+        """Rows the head skips this step may draft from a confident suffix index (see AdaptiveController)."""
+        return self.controller.index_off_rows()
+
     def row_gammas(self, request_ids: Sequence[str]) -> Mapping[str, int] | None:
         """Per-row γᵢ for the step just chosen (None: every drafting row at the step's γ)."""
         if self.row_hint_fn is None:
@@ -81,8 +85,16 @@ class ControllerPlugin:
         head_rows = int(rows[0]) if rows is not None else None
         self.controller.observe([e.request_id for e in decode], [e.num_draft for e in decode],
                                 [e.num_accepted for e in decode], None if had_prefill else seconds, head_rows,
-                                catch_up=self._catch_up)
+                                catch_up=self._catch_up, index_rows=self._index_rows(generator))
         self._catch_up = 0
+
+    @staticmethod
+    def _index_rows(generator: SpeculativeGenerator) -> set[str] | None:
+        """Request ids whose rows the suffix index drafted in the last step (None: the generator does not say)."""
+        slots = getattr(generator, "last_step_index_slots", None)
+        if slots is None:
+            return None
+        return {rid for rid, s in generator.sequences.items() if s.slot in slots}
 
     def on_finish(self, seq: SequenceState) -> None:
         self.controller.forget(seq.request.request_id)
@@ -111,6 +123,12 @@ class ControllerPlugin:
         out["controller_plain_probes_total"] = float(s.plain_probes)
         out["controller_guard_offs_total"] = float(s.guard_offs)
         out["controller_head_share"] = s.head_share
+        out["controller_index_drafting"] = float(s.index_drafting)
+        out["controller_index_guard_offs_total"] = float(s.index_offs)
+        if s.index_accepted_per_token is not None:
+            out["controller_index_accepted_per_token"] = s.index_accepted_per_token
+        if s.index_measured_speedup is not None:
+            out["controller_index_measured_speedup"] = s.index_measured_speedup
         for b, g in s.schedule.items():
             out[f"controller_schedule_gamma_b{b}"] = float(g)
         return out

@@ -37,6 +37,13 @@ probe) and only a probe may turn it on again — the probe's steps re-teach the 
 now. ``draft_len_schedule`` is the γ per batch size the corrected model implies at the current α (the per-step
 decision is the argmax for the running batch). Per-row lengths (``row_gammas``): hints such as a drafter's
 confidence, capped by the step's γ, for the rows that draft.
+
+A hybrid drafter (issue 22) has a second source: a suffix index drafts the rows it is confident on at no draft
+cost. Its rows are reported apart (``index_rows`` of observe) and kept out of α, which is the head's acceptance and
+drives the head's γ. While the head's committed γ is 0 the index still drafts (``index_off_rows``: an *index step*;
+``index_when_off``), with its own ``GoodputGuard`` over the same window fed by index steps and by the plain
+steps (one index step in ``plain_probe_interval_steps`` is a plain probe): when index steps' goodput stays below
+plain's the index turns off too (plain decoding), and back on after ``reprobe_interval`` steps to be measured again.
 Pure Python, no torch. Request ids are strings (the scheduler's ids).
 """
 
@@ -93,6 +100,10 @@ class ControllerState:
     guard_samples: tuple[int, int] = (0, 0)  # speculative / plain goodput samples in the guard's window
     head_share: float = 1.0  # EMA of the head's share of drafting rows
     schedule: dict[int, int] = field(default_factory=dict)  # γ per batch size the corrected model implies now
+    index_drafting: bool = False  # the suffix index drafts while the head is off (index steps)
+    index_accepted_per_token: float | None = None  # discounted accepted / drafted tokens of index rows
+    index_measured_speedup: float | None = None  # live goodput of index steps / plain steps over the window
+    index_offs: int = 0  # times the index guard turned index steps off
 
 
 class AdaptiveController:
@@ -114,7 +125,16 @@ class AdaptiveController:
         self.guard = GoodputGuard(config.guard_window_steps, config.guard_min_spec_samples,
                                   config.guard_min_plain_samples, config.guard_margin)
         self._head_share = 1.0
-        self._kind = "plain"  # what the last emitted step was: "spec" | "plain" | "probe" (speculation probe)
+        # suffix-index rows (hybrid drafters): discounted [accepted, drafted] tokens, guard, on/off and back-off
+        self._index = [0.0, 0.0]
+        self.index_guard = GoodputGuard(config.guard_window_steps, config.guard_min_spec_samples,
+                                        config.guard_min_plain_samples, config.guard_margin)
+        self._index_on = config.mode == "adaptive" and config.index_when_off
+        self._index_run = 0  # index steps since index drafting turned on (plain probes every N of them)
+        self._index_off_steps = 0
+        self._index_strikes = 0
+        self._index_offs = 0
+        self._kind = "plain"  # the last emitted step: "spec" | "plain" | "probe" (speculation probe) | "index"
         self._spec_run = 0  # speculative steps since speculation turned on (plain probes every N of them)
         self._plain_probes = 0
         self._guard_offs = 0
@@ -200,7 +220,7 @@ class AdaptiveController:
                 self._probe_left -= 1
                 return self._emit_probe(request_ids, curve)
             self._steps_off += 1
-            return self._emit(0, 1.0)
+            return self._emit_head_off()
         self._steps_off = 0
         self._spec_run += 1
         self._spec_since_guard += 1
@@ -211,6 +231,46 @@ class AdaptiveController:
             self._plain_probes += 1
             return self._emit(0, 1.0)
         return self._emit(self._committed, curve[self._committed], "spec")
+
+    def _emit_head_off(self) -> int:
+        """A step with the head off: an index step while index drafting is on (a plain probe every
+        plain_probe_interval_steps of them), else plain; the index guard's verdict and back-off are applied here."""
+        if not (self.config.mode == "adaptive" and self.config.index_when_off):
+            return self._emit(0, 1.0)
+        if self._index_on and self.index_guard.speculation_loses(self._steps):
+            n_index, n_plain = self.index_guard.counts(self._steps)
+            logger.info("index guard: index steps measured %.3fx plain over the last %d steps (%d/%d samples); "
+                        "index drafting off", self.index_guard.measured_speedup(self._steps) or 0.0,
+                        self.index_guard.window_steps, n_index, n_plain)
+            self._index_on = False
+            self._index_offs += 1
+            self._index_strikes += 1
+            self._index_off_steps = 0
+            self.index_guard.clear_speculative()
+        if not self._index_on:
+            self._index_off_steps += 1
+            if self._index_off_steps < self._index_interval():
+                return self._emit(0, 1.0)
+            self._index_on = True  # measured again: the load or the traffic may have changed
+            self._index_run = 0
+        self._index_run += 1
+        if self._index_strikes and self._index_run > self.index_guard.window_steps:
+            self._index_strikes = 0  # a whole window of index steps the guard let pass: back-off forgiven
+        every = self.config.plain_probe_interval_steps
+        if every > 0 and self._index_run % every == 0:
+            self._plain_probes += 1
+            return self._emit(0, 1.0)
+        return self._emit(0, 1.0, "index")
+
+    def _index_interval(self) -> int:
+        base = max(self.config.reprobe_interval_steps, 1)
+        backoff = self.config.reprobe_backoff ** max(self._index_strikes - 1, 0)
+        return int(min(base * backoff, max(self.config.reprobe_max_interval_steps, base)))
+
+    def index_off_rows(self) -> bool:
+        """Whether rows the head does not draft this step may draft from a confident suffix index: on index steps,
+        and beside a probe's members while index drafting is on; never on plain probes or in mode off/static."""
+        return self._kind == "index" or (self._kind == "probe" and self._index_on)
 
     def _check_guard(self) -> None:
         """Turn speculation off when its live goodput has stayed below plain's over the guard's window."""
@@ -337,7 +397,7 @@ class AdaptiveController:
     def _emit(self, gamma: int, predicted: float, kind: str = "plain") -> int:
         self._last_gamma = gamma
         self._predicted = predicted
-        self._kind = kind if gamma > 0 else "plain"
+        self._kind = kind if gamma > 0 or kind == "index" else "plain"
         return gamma
 
     def request_probe(self) -> None:
@@ -364,6 +424,7 @@ class AdaptiveController:
         step_seconds: float | None = None,
         head_rows: int | None = None,
         catch_up: int = 0,
+        index_rows: Collection[str] | None = None,
     ) -> None:
         """Record one verification step: ``num_accepted[i]`` of the ``gamma`` (or ``gamma[i]``: a probe drafts for
         some requests only, a drafter may size rows itself) drafts kept for request i. ``step_seconds`` (None: not
@@ -371,7 +432,9 @@ class AdaptiveController:
         drafted (None: every drafting row; rows drafted by a suffix index alone cost ~0 draft time). ``catch_up``:
         positions the draft caught up on first (after a prompt or an off period); a step with more than
         ``_CATCH_UP_FREE`` per drafting row ran a draft prefill the cost model does not describe, so it is not fed
-        to the model (nor to its error) — the guard still counts it: it is part of speculation's real cost."""
+        to the model (nor to its error) — the guard still counts it: it is part of speculation's real cost.
+        ``index_rows``: requests whose rows a suffix index drafted this step — their acceptance is the index's, not
+        the head's, so it is tallied apart and kept out of α."""
         if len(num_accepted) != len(request_ids):
             raise ValueError(f"{len(request_ids)} request ids but {len(num_accepted)} accepted counts")
         gammas = [int(gamma)] * len(request_ids) if isinstance(gamma, int) else [int(g) for g in gamma]
@@ -379,6 +442,7 @@ class AdaptiveController:
             raise ValueError(f"{len(request_ids)} request ids but {len(gammas)} draft lengths")
         keep_r = 1.0 - self.config.ema_short
         tot_k = tot_t = 0
+        index_k = index_g = 0
         for rid, g, k_raw in zip(request_ids, gammas, num_accepted, strict=True):
             k = min(max(int(k_raw), 0), g) if g > 0 else 0
             est = self._req.get(rid)
@@ -389,7 +453,10 @@ class AdaptiveController:
             if est[1] > _MIN_MASS:  # decay keeps the ratio; stop before underflow
                 est[0] *= keep_r
                 est[1] *= keep_r
-            if g > 0:
+            if g > 0 and index_rows is not None and rid in index_rows:  # the index's acceptance, not the head's
+                index_k += k
+                index_g += g
+            elif g > 0:
                 trials = censored_trials(k, g)
                 est[0] += k
                 est[1] += trials
@@ -398,6 +465,9 @@ class AdaptiveController:
         keep_g = 1.0 - self.config.ema_long if self._global[1] > _MIN_MASS else 1.0
         self._global[0] = self._global[0] * keep_g + tot_k
         self._global[1] = self._global[1] * keep_g + tot_t
+        if index_g:
+            keep_i = 1.0 - self.config.ema_long if self._index[1] > _MIN_MASS else 1.0
+            self._index = [self._index[0] * keep_i + index_k, self._index[1] * keep_i + index_g]
         drafting_rows = sum(1 for g in gammas if g > 0)
         heads = drafting_rows if head_rows is None else min(max(int(head_rows), 0), drafting_rows)
         if drafting_rows:
@@ -406,12 +476,15 @@ class AdaptiveController:
             b = len(request_ids)
             if catch_up <= _CATCH_UP_FREE * drafting_rows:
                 self.cost.observe(sum(gammas) + b, max(gammas), heads, step_seconds)
-            tokens = tot_k + b  # accepted + one recovered/bonus token per request
+            tokens = tot_k + index_k + b  # accepted + one recovered/bonus token per request
             rate = GoodputGuard.normalised_rate(tokens, b, step_seconds, self.profile.target(b))
             if drafting_rows == 0:
                 self.guard.add(False, self._steps, rate)
+                self.index_guard.add(False, self._steps, rate)
             elif self._kind == "spec":  # a probe's steps (few rows, catch-up) are not speculation's goodput
                 self.guard.add(True, self._steps, rate)
+            elif self._kind == "index":
+                self.index_guard.add(True, self._steps, rate)
 
     def forget(self, request_id: str) -> None:
         """Drop a finished request's estimate."""
@@ -441,4 +514,8 @@ class AdaptiveController:
             guard_samples=self.guard.counts(self._steps),
             head_share=self._head_share,
             schedule=self.draft_len_schedule() if self.gamma_max > 0 else {},
+            index_drafting=self._index_on and self._committed == 0,
+            index_accepted_per_token=self._index[0] / self._index[1] if self._index[1] > _MIN_MASS else None,
+            index_measured_speedup=self.index_guard.measured_speedup(self._steps),
+            index_offs=self._index_offs,
         )

@@ -5,7 +5,10 @@ label tokens in shards no round has consumed; split them by request into train /
 current draft (pin or latest version, else the base draft) with the training-time-test loss, labels = the
 next stored tokens (the target's own outputs); evaluate old and new draft by simulated greedy chain
 drafting on the held-out requests; publish a new version only if its per-token acceptance beats the mean
-acceptance served requests saw in the training data (TrainingGate margin); log the round either way.
+acceptance served requests saw in the training data (TrainingGate margin); log the round either way. With a
+hybrid drafter (`draft.suffix`, `trainer.hybrid_gate`) served acceptance mixes index rows in, so both heads are
+evaluated where the replayed suffix index leaves positions to the head (online/index_replay.py) and the old head
+there is the baseline: the gate judges what serving would gain.
 
 State lives in the stores only (rounds.jsonl lists consumed shards; manifest.jsonl lists versions), so a
 killed trainer restarts where it was: an unfinished round is redone, published versions are untouched.
@@ -30,10 +33,12 @@ import torch
 from tide_trt.config import TideConfig, TrainerConfig
 from tide_trt.draft.checkpoint import load_draft, read_draft_config, save_draft
 from tide_trt.draft.eagle3 import Eagle3Head
+from tide_trt.draft.suffix import SuffixDrafter, build_suffix_drafter
 from tide_trt.engine.base import ModelInfo, default_capture_layers
 from tide_trt.errors import CheckpointError, TideError
 from tide_trt.kernels import fast_bf16_matmul
 from tide_trt.online.drift import Decision, TrainingGate
+from tide_trt.online.index_replay import IndexReplay, replay_index
 from tide_trt.online.rounds import RoundRecord
 from tide_trt.online.signals import STORE_DTYPES, SignalSequence, read_shard
 from tide_trt.online.store import DraftStore, SignalStore
@@ -46,17 +51,24 @@ Chunk = tuple[torch.Tensor, list[int], list[int]]  # (hidden [T, C, H], tokens [
 
 
 # ---- training math (pure functions over SignalSequence records) -------------------------------------------
+def chunk_spans(seqs: list[SignalSequence], chunk_len: int, train_on_prompt: bool) -> list[tuple[int, int, int]]:
+    """Where sequences are cut into chunks: (sequence index, start row, end row) of every chunk with a label."""
+    out = []
+    for i, s in enumerate(seqs):
+        lab = s.labels(train_on_prompt).tolist()
+        for a in range(0, len(lab), chunk_len):
+            b = min(len(lab), a + chunk_len)
+            if b - a >= 4 and any(x >= 0 for x in lab[a + 1 : b]):
+                out.append((i, a, b))
+    return out
+
+
 def make_chunks(seqs: list[SignalSequence], chunk_len: int, train_on_prompt: bool) -> list[Chunk]:
     """Cut sequences into training chunks (labels = next stored token; -1 = no label)."""
-    out: list[Chunk] = []
-    for s in seqs:
-        lab = s.labels(train_on_prompt).tolist()
-        tok = s.token_ids.tolist()
-        for a in range(0, len(tok), chunk_len):
-            b = min(len(tok), a + chunk_len)
-            if b - a >= 4 and any(x >= 0 for x in lab[a + 1 : b]):
-                out.append((s.hidden[a:b], tok[a:b], lab[a:b]))
-    return out
+    labels = [s.labels(train_on_prompt).tolist() for s in seqs]
+    tokens = [s.token_ids.tolist() for s in seqs]
+    return [(seqs[i].hidden[a:b], tokens[i][a:b], labels[i][a:b])
+            for i, a, b in chunk_spans(seqs, chunk_len, train_on_prompt)]
 
 
 def _to(batch: Batch, device: str) -> Batch:
@@ -65,12 +77,19 @@ def _to(batch: Batch, device: str) -> Batch:
 
 
 def evaluate(head: Eagle3Head, chunks: list[Chunk], t2d: torch.Tensor, gamma: int, device: str,
-             batch_size: int = 8) -> ChainAcceptance:
-    """Held-out simulated acceptance over `chunks` (ttt.simulated_acceptance summed over batches): α, τ, counts."""
+             batch_size: int = 8, bases: list[torch.Tensor] | None = None) -> ChainAcceptance:
+    """Held-out simulated acceptance over `chunks` (ttt.simulated_acceptance summed over batches): α, τ, counts.
+    `bases`: per chunk [T] bool, the positions that may be chain bases (None: all)."""
     head.eval()
     total = ChainAcceptance(gamma)
     for i in range(0, len(chunks), batch_size):
-        total += simulated_acceptance(head, _to(collate(chunks[i : i + batch_size]), device), t2d, gamma)
+        batch = _to(collate(chunks[i : i + batch_size]), device)
+        mask = None
+        if bases is not None:
+            mask = torch.zeros(batch.tokens.shape, dtype=torch.bool)  # [B, T]
+            for j, m in enumerate(bases[i : i + batch_size]):
+                mask[j, : m.numel()] = m
+        total += simulated_acceptance(head, batch, t2d, gamma, mask)
     return total
 
 
@@ -188,29 +207,49 @@ class RoundResult:
 
 
 def train_round(head: Eagle3Head, train: list[SignalSequence], held: list[SignalSequence], tc: TrainerConfig,
-                gate: TrainingGate, *, stop: threading.Event | None = None, seed: int = 0) -> RoundResult:
-    """One round on in-memory data (store- and recompute-fed alike): eval old, train, eval new, gate."""
+                gate: TrainingGate, *, stop: threading.Event | None = None, seed: int = 0,
+                index: IndexReplay | None = None) -> RoundResult:
+    """One round on in-memory data (store- and recompute-fed alike): eval old, train, eval new, gate.
+    `index`: where a hybrid drafter's suffix index drafts the held-out sequences (`replay_index(held, ...)`): both
+    heads are then evaluated on the positions the index leaves to the head, the baseline is the old head there
+    (served acceptance mixes index rows in), and the record says what serving's τ would gain."""
     t2d = t2d_from_d2t(head.d2t.cpu(), head.cfg.target_vocab_size).to(tc.device)
     train_chunks = make_chunks(train, tc.chunk_len, tc.train_on_prompt)
     held_chunks = make_chunks(held, tc.chunk_len, tc.train_on_prompt)
     if not train_chunks or not held_chunks:
         raise TideError("a round needs at least one train and one held-out sequence with labels")
-    parent_eval = evaluate(head, held_chunks, t2d, tc.eval_gamma, tc.device)
+    bases = None
+    if index is not None:
+        bases = [index.head_bases[i][a:b] for i, a, b in chunk_spans(held, tc.chunk_len, tc.train_on_prompt)]
+    parent_eval = evaluate(head, held_chunks, t2d, tc.eval_gamma, tc.device, bases=bases)
     history = fit(head, train_chunks, t2d, tc, seed=seed, stop=stop)
-    new_eval = evaluate(head, held_chunks, t2d, tc.eval_gamma, tc.device)
+    new_eval = evaluate(head, held_chunks, t2d, tc.eval_gamma, tc.device, bases=bases)
     served, served_trials = served_acceptance(train)
-    baseline, kind, n_base = gate_baseline(tc, served, served_trials, parent_eval)
+    if index is not None:
+        baseline, kind, n_base = parent_eval.alpha, "parent_eval", int(parent_eval.trials)
+    else:
+        baseline, kind, n_base = gate_baseline(tc, served, served_trials, parent_eval)
     decision = gate.decide(new_eval.alpha, baseline, num_eval=int(new_eval.trials), num_train=n_base)
-    data = {"train_sequences": len(train), "heldout_sequences": len(held),
+    data: dict[str, float] = {"train_sequences": len(train), "heldout_sequences": len(held),
             "train_tokens": sum(s.num_tokens for s in train),
             "heldout_tokens": sum(s.num_tokens for s in held),
             "train_label_tokens": sum(s.num_label_tokens(tc.train_on_prompt) for s in train)}
     why = explain_decision(decision, new_eval.alpha, baseline, kind, int(new_eval.trials), n_base, gate,
-                           served_trials, tc.gate_min_served_trials if tc.gate_baseline != "parent" else None)
+                           served_trials, tc.gate_min_served_trials
+                           if tc.gate_baseline != "parent" and index is None else None)
+    new_dict, parent_dict = new_eval.as_dict(), parent_eval.as_dict()
+    if index is not None:
+        share = index.index_share(new_eval)
+        tau_old, tau_new = index.serving_tau(parent_eval), index.serving_tau(new_eval)
+        data.update(index_share=share, index_tau=index.index_tau, index_chains=index.index_chains)
+        new_dict["serving_tau"], parent_dict["serving_tau"] = tau_new, tau_old
+        why += (f"; hybrid serving: the suffix index drafts {share:.0%} of held-out positions (τ "
+                f"{index.index_tau:.2f} there), the heads were compared on the other {1 - share:.0%}: served τ "
+                f"{tau_old:.3f} -> {tau_new:.3f} ({tau_new - tau_old:+.3f})")
     record = RoundRecord(deploy=decision.deploy, pause_collection=decision.pause_collection,
                          reason=decision.reason, why=why, gain=decision.gain, required_gain=decision.required_gain,
-                         baseline=kind, eval_acceptance=new_eval.alpha, eval=new_eval.as_dict(),
-                         parent_eval_acceptance=parent_eval.alpha, parent_eval=parent_eval.as_dict(),
+                         baseline=kind, eval_acceptance=new_eval.alpha, eval=new_dict,
+                         parent_eval_acceptance=parent_eval.alpha, parent_eval=parent_dict,
                          served_acceptance=served, served_trials=served_trials, data=data, training=history)
     return RoundResult(record, head)
 
@@ -245,6 +284,8 @@ class OnlineTrainer:
         self._info: ModelInfo | None = None
         self._embed: torch.Tensor | None = None
         self._bad: set[str] = set()
+        self._index: SuffixDrafter | None = None  # the deploy gate's replay of the serving suffix index
+        self._index_built = False
 
     def setup(self) -> None:
         if self.tc.num_threads > 0:
@@ -353,7 +394,12 @@ class OnlineTrainer:
         log.info("round: training version %d on %d sequences (%d new label tokens), %d held out", parent,
                  len(train), new_tokens, len(held))
         n_rounds = len(self.drafts.rounds())
-        result = train_round(head, train, held, self.tc, self.gate, stop=self.stop, seed=n_rounds)
+        suffix = self._replay_index()
+        index = replay_index(held, suffix, self.tc.train_on_prompt) if suffix is not None else None
+        result = train_round(head, train, held, self.tc, self.gate, stop=self.stop, seed=n_rounds, index=index)
+        if suffix is not None:  # served: the server's global index holds them now too
+            for s in (*train, *held):
+                suffix.add_finished(s.token_ids.tolist())
         rec = replace(result.record, round=n_rounds + 1, parent=parent, skipped_shards=skipped,
                       shards=[p.name for p in shards if p.name not in skipped])
         if rec.deploy:
@@ -362,6 +408,15 @@ class OnlineTrainer:
         self.drafts.append_round(line)
         self._retention()
         return line
+
+    def _replay_index(self) -> SuffixDrafter | None:
+        """The serving drafter's suffix index as the deploy gate replays it (built on the first round, preloaded as
+        `draft.suffix` says); None when serving drafts with the head alone or `trainer.hybrid_gate` is off."""
+        if not self._index_built:
+            self._index_built = True
+            if self.tc.hybrid_gate:
+                self._index = build_suffix_drafter(self.cfg.draft.suffix, 1, self.cfg.engine.max_seq_len + 2)
+        return self._index
 
     def _publish(self, head: Eagle3Head, parent: int, rec: RoundRecord) -> int:
         v = self.drafts.next_version()

@@ -117,14 +117,16 @@ class ChainAcceptance:
 
 
 @torch.no_grad()
-def simulated_acceptance(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, gamma: int) -> ChainAcceptance:
+def simulated_acceptance(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, gamma: int,
+                         bases: torch.Tensor | None = None) -> ChainAcceptance:
     """Greedy chain drafting replayed over stored states: the one acceptance evaluator (online rounds, offline and
     corpus training all call it). A chain is based at every position q whose next target token is known (a label
     exists) and whose γ steps fit before the sequence ends (q < length − 1 − γ); it accepts drafts until the first
     one that differs from the target's label. Positions whose target token lies outside the draft vocabulary count
     — as a miss at step 0 — because serving drafts there too and the verifier rejects; positions without a label
     (prompt text when training on outputs only, padding) are not chain bases, and a chain step reaching one misses.
-    """
+    `bases` [B, T] bool (optional): only these positions may be chain bases (e.g. where the head drafts beside a
+    suffix index)."""
     next_tokens, labels, known = _shifted(batch, t2d)
     b, t = labels.shape
     alive = torch.ones(b, t, dtype=torch.bool, device=labels.device)
@@ -137,5 +139,7 @@ def simulated_acceptance(head: Eagle3Head, batch: Batch, t2d: torch.Tensor, gamm
         accepted += alive.float()
     pos = torch.arange(t, device=labels.device)[None, :]
     base = known & (pos < batch.lengths[:, None] - 1 - gamma)  # [B, T]
+    if bases is not None:
+        base &= bases.to(base.device)
     k = accepted[base]
     return ChainAcceptance(gamma, int(base.sum()), float(k.sum()), float(censored_trials(k, gamma).sum()))
