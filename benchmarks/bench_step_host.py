@@ -5,7 +5,7 @@ the step batch, gathering draft inputs, verification's bookkeeping, the commit �
 tensor work that a GPU does not hide. This benchmark runs the default model (greedy ShareGPT eval prompts) at a
 fixed batch size and γ and times every phase of every step in the main thread's **CPU time** (`time.thread_time`:
 what the host-side Python costs, insensitive to other processes on a shared machine) and wall time, with the
-target forward and the draft head's compute (`Eagle3Head.step` / `greedy_chain`) measured on their own and
+target forward and the draft head's layers (`Eagle3Head.step` / `greedy_chain` / `fuse`) measured on their own and
 subtracted from the phase they run in. host = step − forward − draft compute.
 
     tide bench bench_step_host --batch-size 8 --gamma 3 --max-new-tokens 64 --out runs/bench_step_host.json
@@ -35,7 +35,7 @@ PHASES: dict[str, list[tuple[str, str]]] = {
     "plan": [("", "_row_gammas"), ("", "_plan"), ("step_batch", "build")],
     "propose": [("", "_propose"), ("drafter", "draft")],
     "forward": [("engine", "forward_step")],
-    "draft_compute": [("drafter.head", "step"), ("drafter.head", "greedy_chain")],
+    "draft_compute": [("drafter.head", "step"), ("drafter.head", "greedy_chain"), ("drafter.head", "fuse")],
     "verify": [("generator_module", "mixed_verify"), ("", "_verify")],
     "commit": [("", "_commit_step"), ("", "_commit_rows"), ("drafter", "observe")],
 }

@@ -210,7 +210,9 @@ class ChainDrafter:
             c, h = out.hidden.shape[1:]
             self.history = torch.zeros(self.max_slots, self.max_seq_len, c, h, dtype=self.history_dtype,
                                        device=out.hidden.device)  # [S, L, C, H]
-        self.history[batch.token_slots, batch.positions] = out.hidden.to(self.history_dtype)
+        s, length, c, h = self.history.shape
+        self.history.view(s * length, c, h).index_copy_(0, batch.token_slots * length + batch.positions,
+                                                        out.hidden.to(self.history_dtype))
 
     def plan(self, slots: Sequence[int], tokens: Sequence[list[int]], request_ids: Sequence[str],
              drafting: StepDrafting) -> list[int]:

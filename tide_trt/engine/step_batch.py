@@ -111,7 +111,7 @@ class StepBatch:
                             + draft_src, dtype=torch.long).to(device, non_blocking=True)  # one host→device copy
         ids, pos, tok_slots, l_index, l_row, l_cu, draft_flag, dst, src = torch.split(flat, sizes)
         if draft_dst and drafts is not None:
-            ids[dst] = drafts.reshape(-1)[src]
+            ids.index_copy_(0, dst, drafts.reshape(-1).index_select(0, src))
         return cls(token_ids=ids, positions=pos, token_slots=tok_slots, logit_index=l_index, logit_row=l_row,
                    logit_cu=l_cu, is_draft=draft_flag.bool(), rows=tuple(rows), host_cu_seqlens=tuple(cu),
                    host_logit_cu=tuple(lcu))
