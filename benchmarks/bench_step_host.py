@@ -25,6 +25,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from benchmarks.common import machine, write_json
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="runs per system (the table keeps the lowest host time)")
     p.add_argument("--systems", nargs="+", choices=["plain", "head", "hybrid"], default=["plain", "head", "hybrid"])
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: the engine default); 1 keeps a busy "
+                   "machine's idle-waiting worker threads out of the host phases' CPU time")
     p.add_argument("--label", default="", help="a name for this code version in the JSON (e.g. before / after)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     from tide_trt.workloads import sharegpt_prompts
 
     engine = TorchTargetEngine.from_config(ModelConfig(), EngineConfig(
-        dtype=args.dtype, max_batch_size=args.batch_size, max_seq_len=args.prompt_tokens + args.max_new_tokens + 16))
+        num_threads=args.threads, dtype=args.dtype, max_batch_size=args.batch_size,
+        max_seq_len=args.prompt_tokens + args.max_new_tokens + 16))
     texts = sharegpt_prompts(args.batch_size, seed=1234)
     prompts = [encode_prompt(engine.tokenizer, t)[-args.prompt_tokens:] for t in texts]
     systems: dict[str, tuple[Any, int]] = {}
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "step_host", "label": args.label, "machine": machine(), "model": engine.info.name,
               "dtype": args.dtype, "native_linears": engine.info.native_linears, "batch_size": args.batch_size,
               "gamma": args.gamma, "max_new_tokens": args.max_new_tokens, "prompt_tokens": args.prompt_tokens,
-              "repeats": args.repeats, "runs": runs}
+              "repeats": args.repeats, "threads": torch.get_num_threads(), "runs": runs}
     write_json(result, args.out)
     return result
 

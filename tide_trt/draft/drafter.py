@@ -264,11 +264,16 @@ class ChainDrafter:
         if head_rows:
             head = self._propose_head([slots[r] for r in head_rows], [tokens[r] for r in head_rows],
                                       [gammas[r] for r in head_rows], head_sampling)
-            index = torch.tensor(head_rows, dtype=torch.long, device=dev)  # [B]
             width = head.tokens.shape[1]
-            out[index, :width] = head.tokens
-            if probs is not None and head.probs is not None:
-                probs[index, :width] = head.probs
+            if len(head_rows) == len(slots):  # every row drafts with the head (the common case)
+                out[:, :width] = head.tokens
+                if probs is not None and head.probs is not None:
+                    probs[:, :width] = head.probs
+            else:
+                index = torch.tensor(head_rows, dtype=torch.long, device=dev)  # [B]
+                out[:, :width].index_copy_(0, index, head.tokens)
+                if probs is not None and head.probs is not None:
+                    probs[:, :width].index_copy_(0, index, head.probs)
         for r in index_rows:
             draft = (self._planned[slots[r]] or [])[: gammas[r]]
             ids = torch.tensor(draft, dtype=torch.long, device=dev)  # [g]
