@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     eos = engine.info.eos_token_ids
     runs = {}
     for w in args.windows:
-        gen = SpeculativeGenerator(engine, drafter, catch_up_window=w)
+        drafter.catch_up_window = w
+        gen = SpeculativeGenerator(engine, drafter)
         r = closed_loop(gen, prompts, 1, args.max_new_tokens, StaticGamma(args.gamma), eos=eos, id_prefix=f"w{w}-")
         runs[str(w)] = {k: r[k] for k in ("tau", "alpha", "tokens", "seconds", "decode_tokens_per_s")}
         log.info("window %d: tau %.3f alpha %.3f", w, r["tau"], r["alpha"] or 0.0)

@@ -18,6 +18,7 @@ import torch
 
 from tests.conftest import make_engine, random_prompts
 from tide_trt.draft.drafter import ChainDrafter
+from tide_trt.draft.plan import StepDrafting
 from tide_trt.engine.base import TargetEngine
 from tide_trt.engine.generator import GenerationRequest, SequenceState, SpeculativeGenerator
 from tide_trt.models.loader import LoadedCheckpoint
@@ -85,7 +86,7 @@ def run_speculative(engine: TargetEngine, drafter: ChainDrafter, requests: list[
         drafting = None
         if probe and stats["steps"] % 2:
             drafting = {s.request.request_id for s in running[::2]}
-        for ev in gen.step(gamma, drafting):
+        for ev in gen.step(StepDrafting(gamma, rows=drafting)):
             if ev.is_prefill:
                 continue
             n = before[ev.request_id]

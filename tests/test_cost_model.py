@@ -225,8 +225,8 @@ def test_draft_catch_up_steps_are_not_fed_to_the_cost_model() -> None:
     draft.catch_up_window positions: not a T(n) + γ·D step, so the model does not learn from it; the guard does."""
     plugin = ControllerPlugin(ControllerConfig(mode="static"), PROFILE, 8, 3)
     seq = SimpleNamespace(finished=False, prefilled=True, tokens=list(range(100)), slot=0)
-    drafter = SimpleNamespace(version=0, next_position=lambda slot: 30)  # 69 positions behind
-    gen = SimpleNamespace(drafter=drafter, sequences={"r": seq}, catch_up_window=64, last_step_prompt_tokens=0)
+    drafter = SimpleNamespace(version=0, next_position=lambda slot: 30, catch_up_window=64)  # 69 positions behind
+    gen = SimpleNamespace(drafter=drafter, sequences={"r": seq}, last_step_prompt_tokens=0)
     ev = [StepEvent("r", (1, 2), False, None, 3, 1)]
     assert plugin.choose_gamma(["r"]) == 3
     plugin.before_step(gen)  # type: ignore[arg-type]

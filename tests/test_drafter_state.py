@@ -24,6 +24,7 @@ import torch
 from tests.conftest import make_engine, random_prompts
 from tide_trt.draft.drafter import ChainDrafter, DraftSampling
 from tide_trt.draft.eagle3 import Eagle3Head
+from tide_trt.draft.plan import StepDrafting
 from tide_trt.engine.base import TargetEngine
 from tide_trt.engine.generator import GenerationRequest, SequenceState, SpeculativeGenerator
 from tide_trt.models.loader import LoadedCheckpoint
@@ -107,7 +108,7 @@ def check_against_fresh(gen: SpeculativeGenerator, head: Eagle3Head, seq: Sequen
 
 def step_and_count(gen: SpeculativeGenerator, gamma: int, stats: dict[str, int],
                    drafting: set[str] | None = None) -> None:
-    for ev in gen.step(gamma, drafting):
+    for ev in gen.step(StepDrafting(gamma, rows=drafting)):
         if ev.num_draft:
             stats["drafted"] += ev.num_draft
             stats["accepted"] += ev.num_accepted
@@ -121,7 +122,8 @@ def test_draft_cache_after_rejections_and_compaction_equals_fresh_prefill(tiny_c
     engine = make_engine(tiny_checkpoint, max_batch_size=4, max_seq_len=MAX_SEQ_LEN)
     head = make_head(engine, seed=1)
     drafter = ChainDrafter(head, 4, MAX_SEQ_LEN, torch.float32, "cpu", lookup_ngram=2)
-    gen = SpeculativeGenerator(engine, drafter, catch_up_window=0)
+    drafter.catch_up_window = 0
+    gen = SpeculativeGenerator(engine, drafter)
     prompts = loopy_prompts(2, seed=5) + random_prompts(2, VOCAB, seed=6, min_len=5, max_len=12)
     samplings = [SamplingParams(), SamplingParams(1.2, seed=3), SamplingParams(), SamplingParams(0.9, 0.9, 20, 4)]
     max_new = [12, 30, 30, 30]
@@ -151,8 +153,8 @@ def test_draft_cache_with_catch_up_window_equals_fresh_prefill_of_the_window(tin
     window = 6
     engine = make_engine(tiny_checkpoint, max_batch_size=2, max_seq_len=MAX_SEQ_LEN)
     head = make_head(engine, seed=2, scale=0.3)
-    gen = SpeculativeGenerator(engine, ChainDrafter(head, 2, MAX_SEQ_LEN, torch.float32, "cpu"),
-                               catch_up_window=window)
+    gen = SpeculativeGenerator(engine, ChainDrafter(head, 2, MAX_SEQ_LEN, torch.float32, "cpu",
+                                                    catch_up_window=window))
     prompts = random_prompts(2, VOCAB, seed=8, min_len=20, max_len=24)
     for i, p in enumerate(prompts):
         gen.add(GenerationRequest(str(i), p, 60, SamplingParams(1.0, seed=10 + i)))
@@ -182,7 +184,8 @@ def test_draft_cache_after_refit_equals_fresh_prefill_with_the_new_head(tiny_che
     engine = make_engine(tiny_checkpoint, max_batch_size=3, max_seq_len=MAX_SEQ_LEN)
     old, new = make_head(engine, seed=3), make_head(engine, seed=4, scale=2.0)
     drafter = ChainDrafter(old, 3, MAX_SEQ_LEN, torch.float32, "cpu")
-    gen = SpeculativeGenerator(engine, drafter, catch_up_window=0)
+    drafter.catch_up_window = 0
+    gen = SpeculativeGenerator(engine, drafter)
     for i, p in enumerate(random_prompts(3, VOCAB, seed=12, min_len=4, max_len=16)):
         gen.add(GenerationRequest(str(i), p, 50, SamplingParams(1.1, seed=20 + i) if i else SamplingParams()))
     stats = {"drafted": 0, "accepted": 0, "rejections": 0}

@@ -13,6 +13,7 @@ import torch
 
 from tests.conftest import make_engine, random_prompts
 from tide_trt.draft.drafter import ChainDrafter
+from tide_trt.draft.plan import StepDrafting
 from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 from tide_trt.runtime import run_to_completion
 from tide_trt.training.data import recompute_examples
@@ -37,7 +38,9 @@ def tiny_trained_head(tiny_checkpoint):
 
 
 def _run(engine, drafter, prompts, gamma, max_new=40, catch_up_window=0):
-    gen = SpeculativeGenerator(engine, drafter, catch_up_window=catch_up_window)
+    if drafter is not None:
+        drafter.catch_up_window = catch_up_window
+    gen = SpeculativeGenerator(engine, drafter)
     reqs = [GenerationRequest(str(i), p, max_new) for i, p in enumerate(prompts)]
     return run_to_completion(gen, reqs, gamma).sequences
 
@@ -88,7 +91,7 @@ def test_tiny_probe_subset_drafts_while_others_decode(tiny_checkpoint, tiny_trai
     while gen.num_active:
         ids = sorted(gen.sequences)
         chosen = set(ids[step % len(ids)::3])  # a rotating third of the batch drafts
-        for ev in gen.step(1 + step % 3, chosen):
+        for ev in gen.step(StepDrafting(1 + step % 3, rows=chosen)):
             if not ev.is_prefill:
                 assert (ev.num_draft > 0) == (ev.request_id in chosen)
                 drafted += ev.num_draft

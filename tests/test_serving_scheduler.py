@@ -391,11 +391,11 @@ def test_failures_stay_local_and_plugins_see_everything(tiny_dir: Path) -> None:
         real_step = svc.generator.step
         calls = {"n": 0}
 
-        def flaky_step(gamma: int, drafting=None):
+        def flaky_step(drafting):
             calls["n"] += 1
             if calls["n"] == 1:
                 raise RuntimeError("simulated engine fault")
-            return real_step(gamma, drafting)
+            return real_step(drafting)
 
         svc.generator.step = flaky_step  # type: ignore[method-assign]
         (failed,) = run_all(svc, [ParsedRequest("zz", 4)])

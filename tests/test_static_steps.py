@@ -24,10 +24,10 @@ def _engine(ckpt, dtype: str = "float32", invariant: str = "on", max_seq_len: in
 def _mixed_step(engine: TorchTargetEngine, prompts: list[list[int]]):
     slots = [engine.allocate_slot() for _ in prompts]
     engine.forward(slots[:-1], prompts[:-1])
-    rows = [StepRow(slots[0], len(prompts[0]), (11, 12, 13, 14), gamma=3),
+    rows = [StepRow(slots[0], len(prompts[0]), (11,), gamma=3),
             StepRow(slots[1], len(prompts[1]), (15,)),
             StepRow(slots[2], 0, tuple(prompts[2]), is_prompt=True, num_logits=1)]
-    return engine.forward_step(StepBatch.build(rows))
+    return engine.forward_step(StepBatch.build(rows, drafts=torch.tensor([[12, 13, 14]])))
 
 
 def test_fixed_shape_step_equals_the_dynamic_step(tiny_checkpoint):

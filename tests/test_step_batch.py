@@ -9,6 +9,7 @@ from tests.conftest import make_engine, random_prompts
 from tests.oracle_draft import refit_prompts
 from tide_trt.config import EngineConfig
 from tide_trt.draft.drafter import ChainDrafter
+from tide_trt.draft.plan import StepDrafting
 from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 from tide_trt.engine.step_batch import StepBatch, StepRow
 from tide_trt.engine.torch_engine import TorchTargetEngine
@@ -18,21 +19,27 @@ from tide_trt.spec.sampling import SamplingParams
 
 
 def test_step_batch_layout_is_flat_and_logits_only_where_used():
-    rows = [StepRow(3, 10, (5, 6, 7), gamma=2), StepRow(0, 4, (9,)),
+    rows = [StepRow(3, 10, (5,), gamma=2), StepRow(0, 4, (9,)),
             StepRow(1, 0, (1, 2, 3, 4), is_prompt=True, num_logits=0),
             StepRow(2, 8, (11, 12), is_prompt=True, num_logits=1)]
-    b = StepBatch.build(rows)
-    assert b.token_ids.tolist() == [5, 6, 7, 9, 1, 2, 3, 4, 11, 12]
+    drafts = torch.tensor([[6, 7, 99], [98, 97, 96]])  # [R', γmax]: row 0 drafts 6, 7; row 1 drafts none
+    b = StepBatch.build(rows, drafts=drafts)
+    assert b.token_ids.tolist() == [5, 6, 7, 9, 1, 2, 3, 4, 11, 12]  # drafts written from the draft tensor
     assert b.positions.tolist() == [10, 11, 12, 4, 0, 1, 2, 3, 8, 9]
     assert b.token_slots.tolist() == [3, 3, 3, 0, 1, 1, 1, 1, 2, 2]
-    assert b.cu_seqlens.tolist() == [0, 3, 4, 8, 10]
-    assert b.gammas.tolist() == [2, 0, 0, 0] and b.is_prompt.tolist() == [False, False, True, True]
+    assert b.host_cu_seqlens == (0, 3, 4, 8, 10)
     assert b.logit_index.tolist() == [0, 1, 2, 3, 9]  # verify: all 3, decode: 1, unfinished chunk: 0, last chunk: 1
-    assert b.logit_cu.tolist() == b.logit_offsets() == [0, 3, 4, 4, 5]
+    assert b.logit_cu.tolist() == list(b.host_logit_cu) == [0, 3, 4, 4, 5]
+    assert b.logit_row.tolist() == [0, 0, 0, 1, 3]
+    assert b.is_draft.tolist() == [True, True, False, False, False]  # logits 0, 1 judge drafts 6, 7
+    assert b.draft_ids()[:2].tolist() == [6, 7]
+    assert b.host_tokens() == [[5, 6, 7], [9], [1, 2, 3, 4], [11, 12]]
     with pytest.raises(ValueError, match="twice"):
         StepBatch.build([StepRow(0, 0, (1,)), StepRow(0, 1, (2,))])
     with pytest.raises(ValueError, match="gamma"):
-        StepRow(0, 0, (1, 2), gamma=2)
+        StepRow(0, 0, (1, 2), gamma=-1)
+    with pytest.raises(ValueError, match="draft tensor"):
+        StepBatch.build([StepRow(0, 0, (1,), gamma=1)])
 
 
 def test_one_forward_of_mixed_rows_equals_separate_runs(tiny_checkpoint):
@@ -42,9 +49,9 @@ def test_one_forward_of_mixed_rows_equals_separate_runs(tiny_checkpoint):
     slots = [engine.allocate_slot() for _ in prompts]
     engine.forward(slots[:2], prompts[:2])  # rows 0, 1 are running; row 2's prompt arrives in two chunks
     engine.forward([slots[2]], [prompts[2][:7]])
-    rows = [StepRow(slots[0], len(prompts[0]), (11, 12, 13), gamma=2), StepRow(slots[1], len(prompts[1]), (14,)),
+    rows = [StepRow(slots[0], len(prompts[0]), (11,), gamma=2), StepRow(slots[1], len(prompts[1]), (14,)),
             StepRow(slots[2], 7, tuple(prompts[2][7:]), is_prompt=True, num_logits=1)]
-    out = engine.forward_step(StepBatch.build(rows))
+    out = engine.forward_step(StepBatch.build(rows, drafts=torch.tensor([[12, 13]])))
     assert out.logits.shape[0] == 3 + 1 + 1 and out.hidden.shape[0] == 3 + 1 + len(prompts[2]) - 7
     ref_engine = make_engine(tiny_checkpoint)
     full = [prompts[0] + [11, 12, 13], prompts[1] + [14], prompts[2]]
@@ -147,7 +154,7 @@ def test_per_row_draft_lengths_share_one_commit_path(tiny_checkpoint, tiny_oracl
             gen.add(GenerationRequest(str(i), p, 20, sampling[i]))
         accepted = 0
         while any(not s.finished for s in gen.sequences.values()):
-            for ev in gen.step(3 if gammas_of is not None else 0, gammas=gammas_of):
+            for ev in gen.step(StepDrafting(3 if gammas_of is not None else 0, gammas=gammas_of)):
                 accepted += ev.num_accepted
         outs = [gen.sequences[str(i)].output_ids for i in range(len(prompts))]
         for rid in list(gen.sequences):

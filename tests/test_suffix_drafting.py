@@ -173,25 +173,25 @@ def test_hybrid_sampling_feeds_one_hot_index_distributions(tiny_checkpoint, monk
     drafter = _hybrid_drafter(engine, SuffixConfig(preload="", min_confidence=0.0))
     prompts = random_prompts(4, 96, seed=5)
     seen = []
-    real = generator_module.mixed_verify
+    real = generator_module.verify_flat
 
-    def spy(drafts, draft_probs, *a, **k):
-        seen.append((drafts.clone(), None if draft_probs is None else draft_probs.clone()))
-        return real(drafts, draft_probs, *a, **k)
+    def spy(logits, layout, sampling=None, draft_probs=None):
+        seen.append((layout.draft_ids.clone(), layout.is_draft.clone(),
+                     None if draft_probs is None else draft_probs.clone()))
+        return real(logits, layout, sampling, draft_probs)
 
-    monkeypatch.setattr(generator_module, "mixed_verify", spy)
+    monkeypatch.setattr(generator_module, "verify_flat", spy)
     greedy, _ = _run(engine, drafter, prompts[:2], 0)  # outputs of two prompts join the global index
     sampling = SamplingParams(temperature=0.7, seed=11)
     seqs, gen = _run(engine, drafter, prompts, 3, max_new=24, sampling=sampling)
     assert all(len(s.output_ids) == 24 for s in seqs)
     assert gen.draft_source_stats["index"]["rows"] > 0 and gen.draft_source_stats["head"]["rows"] > 0
-    one_hot_rows = 0
-    for drafts, probs in seen:
+    one_hot_rows = 0  # judged drafts whose q is one-hot at the draft (index rows)
+    for drafts, is_draft, probs in seen:
         if probs is None:
             continue
-        for k in range(drafts.shape[0]):
-            g = int((probs[k].sum(-1) > 0).sum())
-            if g and torch.equal(probs[k, :g], torch.nn.functional.one_hot(drafts[k, :g], 96).float()):
+        for m in is_draft.nonzero().flatten().tolist():
+            if torch.equal(probs[m], torch.nn.functional.one_hot(drafts[m], 96).float()):
                 one_hot_rows += 1
     assert one_hot_rows > 0
 

@@ -63,7 +63,8 @@ def build_engine(cfg: TideConfig) -> TargetEngine:
 
 
 def build_drafter(engine: TargetEngine, draft_path: str | Path, lookup_ngram: int = 0,
-                  lookup_gamma: int = 0, suffix: SuffixConfig | None = None) -> ChainDrafter:
+                  lookup_gamma: int = 0, suffix: SuffixConfig | None = None,
+                  catch_up_window: int = DraftConfig.catch_up_window) -> ChainDrafter:
     """Load + validate a draft checkpoint for this engine and wrap it in a serving drafter. `suffix`
     (`draft.suffix`): the suffix index + head hybrid (draft/suffix.py; None or disabled: the head alone);
     `lookup_ngram` > 0 (without the suffix index): n-gram lookup proposals where the sequence repeats itself
@@ -74,12 +75,13 @@ def build_drafter(engine: TargetEngine, draft_path: str | Path, lookup_ngram: in
         index = build_suffix_drafter(suffix, engine.info.max_batch_size, engine.info.max_seq_len)
     return ChainDrafter.for_engine(head, engine.info, version=int(manifest.get("version", 0)),
                                    lookup_ngram=lookup_ngram, lookup_gamma=lookup_gamma,
-                                   cuda_graphs=engine.uses_cuda_graphs, suffix=index)
+                                   cuda_graphs=engine.uses_cuda_graphs, suffix=index,
+                                   catch_up_window=catch_up_window)
 
 
 def build_drafter_from_config(engine: TargetEngine, draft_path: str | Path, cfg: DraftConfig) -> ChainDrafter:
     """`build_drafter` with every drafting setting of `draft` (what `tide generate` and `tide serve` run)."""
-    return build_drafter(engine, draft_path, cfg.lookup_ngram, cfg.lookup_gamma, cfg.suffix)
+    return build_drafter(engine, draft_path, cfg.lookup_ngram, cfg.lookup_gamma, cfg.suffix, cfg.catch_up_window)
 
 
 @runtime_checkable

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     engine = build_engine(cfg)
     drafter = build_drafter_from_config(engine, draft_path, cfg.draft) if draft_path else None
     prompt_ids = encode_prompt(engine.tokenizer, args.prompt, chat=not args.raw)
-    gen = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)
+    gen = SpeculativeGenerator(engine, drafter)
     req = make_request("cli", prompt_ids, args.max_tokens, sampling, engine.info.eos_token_ids)
     controller = None
     if drafter is not None and args.adaptive:

@@ -121,7 +121,7 @@ class TargetEngine(ABC):
         if type(self).forward is TargetEngine.forward:
             raise NotImplementedError(f"{type(self).__name__} implements neither forward_step nor forward")
         counts = batch.counts
-        out = self.forward([r.slot for r in batch.rows], [list(r.tokens) for r in batch.rows], logits="all")
+        out = self.forward([r.slot for r in batch.rows], batch.host_tokens(), logits="all")
         hidden = torch.cat([out.hidden[b, :n] for b, n in enumerate(counts)])  # [N, C, H]
         logits = torch.cat([out.logits[b, n - r.logit_count:n] for b, (n, r) in enumerate(zip(counts, batch.rows,
                                                                                             strict=True))])

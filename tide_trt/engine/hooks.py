@@ -6,7 +6,7 @@ The scheduler (serving) or a benchmark loop calls, around every `SpeculativeGene
     gammas = policy.row_gammas(active_request_ids)    # optional: per-row γᵢ overrides (None: γ for every row)
     index = policy.index_off_rows()                   # optional: rows the head skips may draft from the index
     for p in plugins: p.before_step(generator)        # e.g. refit: swap draft weights between steps
-    events = generator.step(gamma, drafting, gammas, index)
+    events = generator.step(StepDrafting(gamma, drafting, gammas, index))   # the one way to say how a step drafts
     for p in plugins: p.after_step(generator, gamma, events, seconds)
     for each finished sequence: p.on_finish(seq) (before the slot is released)
 `metrics()` returns flat name -> value pairs for Prometheus and server stats; `close()` is called once when the
@@ -19,6 +19,7 @@ import time
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
+from tide_trt.draft.plan import StepDrafting
 from tide_trt.engine.generator import SequenceState, SpeculativeGenerator, StepEvent
 
 
@@ -91,10 +92,7 @@ def run_step(generator: SpeculativeGenerator, policy: GammaPolicy, plugins: Sequ
     for p in plugins:
         p.before_step(generator)
     t0 = time.perf_counter()
-    if index:
-        events = generator.step(gamma, drafting, gammas, index_off_rows=True)
-    else:  # step stand-ins (tests) take (gamma, drafting)
-        events = generator.step(gamma, drafting, gammas) if gammas else generator.step(gamma, drafting)
+    events = generator.step(StepDrafting(gamma, drafting, gammas or None, index_off_rows=index))
     seconds = time.perf_counter() - t0
     for p in plugins:
         p.after_step(generator, gamma, events, seconds)

@@ -24,72 +24,97 @@ class StepRow:
 
     slot: int
     start: int  # cached tokens of the slot before this step = position of tokens[0]
-    tokens: tuple[int, ...]  # the new tokens: [pending, d_1 .. d_γ] or a prompt chunk
-    gamma: int = 0  # draft tokens at the end of `tokens` (verification rows)
+    tokens: tuple[int, ...]  # the row's host tokens: [pending] of a decode/verification row, or a prompt chunk
+    gamma: int = 0  # draft tokens after `tokens` (verification rows), taken from the step's draft tensor
     is_prompt: bool = False  # a prompt chunk
     num_logits: int = -1  # logits for the last num_logits tokens (-1: all; 0: none; 1: the last one)
 
     def __post_init__(self) -> None:
         if not self.tokens:
             raise ValueError("a step row needs at least one token")
-        if not 0 <= self.gamma < len(self.tokens):
-            raise ValueError(f"gamma {self.gamma} does not fit a row of {len(self.tokens)} tokens")
+        if self.gamma < 0 or (self.gamma and self.is_prompt):
+            raise ValueError(f"gamma {self.gamma}: only decode rows carry drafts (gamma >= 0)")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens) + self.gamma
 
     @property
     def logit_count(self) -> int:
-        return len(self.tokens) if self.num_logits < 0 else min(self.num_logits, len(self.tokens))
+        n = self.num_tokens
+        return n if self.num_logits < 0 else min(self.num_logits, n)
 
 
 @dataclass
 class StepBatch:
-    """Flat, device-resident description of one step (N tokens in R rows, M of them with logits)."""
+    """Flat, device-resident description of one step (N tokens in R rows, M of them with logits).
+
+    Built once per step from the host plan in one host→device copy; the drafts of verification rows are written
+    into `token_ids` on the device from the proposal's [R, γmax] draft tensor (they never visit the host)."""
 
     token_ids: torch.Tensor  # [N] int64
     positions: torch.Tensor  # [N] int64 position of each token in its sequence
     token_slots: torch.Tensor  # [N] int64 KV slot of each token
-    cu_seqlens: torch.Tensor  # [R + 1] int64 row r owns tokens cu_seqlens[r]:cu_seqlens[r+1]
-    slots: torch.Tensor  # [R] int64
-    starts: torch.Tensor  # [R] int64 cached length of each row before the step
-    gammas: torch.Tensor  # [R] int64 draft length per row (0: plain decode or prompt chunk)
-    is_prompt: torch.Tensor  # [R] bool
     logit_index: torch.Tensor  # [M] int64 flat token indices whose logits are computed
+    logit_row: torch.Tensor  # [M] int64 row of each logit
     logit_cu: torch.Tensor  # [R + 1] int64 row r owns logits logit_cu[r]:logit_cu[r+1]
+    is_draft: torch.Tensor  # [M] bool the token after this logit's is a draft of the same row (verification)
     rows: tuple[StepRow, ...]  # the host plan (bookkeeping only; compute reads the tensors)
-    host_cu_seqlens: tuple[int, ...]  # [R + 1] host copies of cu_seqlens / logit_cu (no device sync to read them)
-    host_logit_cu: tuple[int, ...]
+    host_cu_seqlens: tuple[int, ...]  # [R + 1] row r owns tokens host_cu_seqlens[r]:host_cu_seqlens[r+1]
+    host_logit_cu: tuple[int, ...]  # [R + 1] host copy of logit_cu
 
     @classmethod
-    def build(cls, rows: Sequence[StepRow], device: str | torch.device = "cpu") -> StepBatch:
+    def build(cls, rows: Sequence[StepRow], device: str | torch.device = "cpu",
+              drafts: torch.Tensor | None = None) -> StepBatch:
+        """drafts [R', γmax] int64 on `device`: row r's drafts are drafts[r, :rows[r].gamma] (rows with drafts come
+        first, in the proposal's row order); None when no row drafts."""
         if not rows:
             raise ValueError("a step needs at least one row")
         slots = [r.slot for r in rows]
         if len(set(slots)) != len(slots):
             raise ValueError("a slot appears twice in one step")
-        counts = [len(r.tokens) for r in rows]
         token_ids: list[int] = []
         positions: list[int] = []
         token_slots: list[int] = []
         logit_index: list[int] = []
+        logit_row: list[int] = []
+        is_draft: list[int] = []
+        draft_dst: list[int] = []
+        draft_src: list[int] = []
+        width = 0 if drafts is None else drafts.shape[1]
         cu, lcu, offset = [0], [0], 0
-        for r, n in zip(rows, counts, strict=True):
-            token_ids.extend(r.tokens)
+        for i, r in enumerate(rows):
+            n, g = r.num_tokens, r.gamma
+            if g:
+                if drafts is None:
+                    raise ValueError("rows with gamma > 0 need the step's draft tensor")
+                if g > width:
+                    raise ValueError(f"row {i} has gamma {g} but the step's drafts are {width} wide")
+                token_ids.extend(r.tokens)
+                token_ids.extend([0] * g)  # written from `drafts` on the device below
+                draft_dst.extend(range(offset + n - g, offset + n))
+                draft_src.extend(range(i * width, i * width + g))
+            else:
+                token_ids.extend(r.tokens)
             positions.extend(range(r.start, r.start + n))
             token_slots.extend([r.slot] * n)
             k = r.logit_count
             logit_index.extend(range(offset + n - k, offset + n))
+            logit_row.extend([i] * k)
+            is_draft.extend([1] * min(g, k - 1) + [0] * (k - min(g, k - 1)) if k else [])
             offset += n
             cu.append(offset)
             lcu.append(lcu[-1] + k)
-
-        def t(values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        return cls(
-            token_ids=t(token_ids), positions=t(positions), token_slots=t(token_slots), cu_seqlens=t(cu),
-            slots=t(slots), starts=t([r.start for r in rows]), gammas=t([r.gamma for r in rows]),
-            is_prompt=t([r.is_prompt for r in rows], torch.bool), logit_index=t(logit_index), logit_cu=t(lcu),
-            rows=tuple(rows), host_cu_seqlens=tuple(cu), host_logit_cu=tuple(lcu),
-        )
+        sizes = [offset, offset, offset, len(logit_index), len(logit_index), len(lcu), len(is_draft), len(draft_dst),
+                 len(draft_src)]
+        flat = torch.tensor(token_ids + positions + token_slots + logit_index + logit_row + lcu + is_draft + draft_dst
+                            + draft_src, dtype=torch.long).to(device, non_blocking=True)  # one host→device copy
+        ids, pos, tok_slots, l_index, l_row, l_cu, draft_flag, dst, src = torch.split(flat, sizes)
+        if draft_dst and drafts is not None:
+            ids.index_copy_(0, dst, drafts.reshape(-1).index_select(0, src))
+        return cls(token_ids=ids, positions=pos, token_slots=tok_slots, logit_index=l_index, logit_row=l_row,
+                   logit_cu=l_cu, is_draft=draft_flag.bool(), rows=tuple(rows), host_cu_seqlens=tuple(cu),
+                   host_logit_cu=tuple(lcu))
 
     @property
     def num_tokens(self) -> int:
@@ -101,11 +126,20 @@ class StepBatch:
 
     @property
     def counts(self) -> list[int]:
-        return [len(r.tokens) for r in self.rows]
+        return [r.num_tokens for r in self.rows]
 
-    def logit_offsets(self) -> list[int]:
-        """Host copy of logit_cu."""
-        return list(self.host_logit_cu)
+    def host_tokens(self) -> list[list[int]]:
+        """Every row's tokens (drafts included) as host lists: one device→host copy, for backends that pack the
+        step on the host (TensorRT-LLM) and the padded `forward` adapter; the torch engine never calls it."""
+        flat = self.token_ids.tolist()
+        cu = self.host_cu_seqlens
+        return [flat[cu[r]:cu[r + 1]] for r in range(len(self.rows))]
+
+    def draft_ids(self) -> torch.Tensor:
+        """[M] the token each logit's prediction is judged against (its row's next token; meaningful where
+        is_draft)."""
+        n = self.token_ids.shape[0]
+        return self.token_ids[(self.logit_index + 1).clamp(max=max(n - 1, 0))]
 
 
 @dataclass

@@ -175,14 +175,14 @@ class TorchTargetEngine(TargetEngine):
             if row.start != self.slots.seq_len(row.slot):
                 raise ValueError(f"row of slot {row.slot} starts at {row.start}; the slot holds "
                                  f"{self.slots.seq_len(row.slot)} tokens")
-            if row.start + len(row.tokens) > self.info.max_seq_len:
+            if row.start + row.num_tokens > self.info.max_seq_len:
                 raise TideError(f"sequence in slot {row.slot} would exceed max_seq_len={self.info.max_seq_len}")
         if self.static_steps:
             logits, hidden = self._forward_static(batch)
         else:
             logits, hidden = self.model.forward(self.cache, batch, self.capture_layers)
         for row in batch.rows:
-            self.slots.advance(row.slot, len(row.tokens))
+            self.slots.advance(row.slot, row.num_tokens)
         return StepOutput(logits, hidden)
 
     @property

@@ -476,7 +476,7 @@ class TrtllmTargetEngine(TargetEngine):
                 held = self.slots.seq_len(r.slot)
                 raise TideError(f"row of slot {r.slot} starts at {r.start}, the slot holds {held}")
         packed = pack_batch(
-            [r.slot for r in rows], [list(r.tokens) for r in rows], self.slots, max_num_tokens=self.max_num_tokens
+            [r.slot for r in rows], batch.host_tokens(), self.slots, max_num_tokens=self.max_num_tokens
         )
         feeds = engine_inputs(packed, self.slots, self.arch.num_layers, self.pool.data_ptr(), self._mapping_rank)
         out = self.session.run(feeds)

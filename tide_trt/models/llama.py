@@ -273,15 +273,15 @@ SMALL_ROW = SMALL_QUERY  # rows up to this many tokens (decode, verification) sh
 
 def attention_groups(batch: StepBatch, cache: KVCache) -> list[AttentionGroup]:
     """Split a step's rows into attention groups (short rows, long rows), computed once per step."""
-    short = [r for r, row in enumerate(batch.rows) if len(row.tokens) <= SMALL_ROW]
-    long = [r for r, row in enumerate(batch.rows) if len(row.tokens) > SMALL_ROW]
+    short = [r for r, row in enumerate(batch.rows) if row.num_tokens <= SMALL_ROW]
+    long = [r for r, row in enumerate(batch.rows) if row.num_tokens > SMALL_ROW]
     return [_group(batch, cache, rows, batch.host_cu_seqlens) for rows in (short, long) if rows]
 
 
 def _group(batch: StepBatch, cache: KVCache, rows: list[int], offsets: tuple[int, ...]) -> AttentionGroup:
     dev = batch.token_ids.device
     plan = [batch.rows[r] for r in rows]
-    counts = [len(p.tokens) for p in plan]
+    counts = [p.num_tokens for p in plan]
     starts = [p.start for p in plan]
     width = max(counts)
     key_len = max(s + c for s, c in zip(starts, counts, strict=True))

@@ -64,7 +64,7 @@ class ControllerPlugin:
         if drafter is None or next_position is None or self.controller.last_gamma <= 0:
             return 0
         drafting = self.controller.drafting(())
-        window = getattr(generator, "catch_up_window", 0)
+        window = getattr(drafter, "catch_up_window", 0)
         total = 0
         for rid, seq in generator.sequences.items():
             if seq.finished or not seq.prefilled or (drafting is not None and rid not in drafting):

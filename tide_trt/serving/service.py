@@ -39,7 +39,7 @@ def build_service(cfg: TideConfig) -> tuple[SpeculativeGenerator, GammaPolicy, l
     draft_path = resolve_draft_path(cfg.draft.path)
     engine = build_engine(cfg)
     drafter = build_drafter_from_config(engine, draft_path, cfg.draft) if draft_path is not None else None
-    generator = SpeculativeGenerator(engine, drafter, catch_up_window=cfg.draft.catch_up_window)
+    generator = SpeculativeGenerator(engine, drafter)
     gamma = cfg.draft.gamma if drafter is not None else 0  # 1..gamma_max: validated by the config
     log.info(
         "service: %s on %s (%s), draft %s, gamma %d, %d slots x %d tokens",

@@ -70,6 +70,35 @@ def params_to_tensors(
     return temperature, top_p, top_k
 
 
+@dataclass
+class SamplingBatch:
+    """One step's sampling parameters, built once per step (`from_params`) and read by both the drafter and the
+    verification: per row temperature / top-p / top-k on the step's device and the row's generator (None: greedy
+    row, or a row that draws nothing this step)."""
+
+    temperature: torch.Tensor  # [R] float32
+    top_p: torch.Tensor  # [R] float32
+    top_k: torch.Tensor  # [R] int64
+    generators: list[torch.Generator | None]
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None],
+                    device: torch.device | str = "cpu") -> SamplingBatch | None:
+        """None when every row is greedy (nothing to sample)."""
+        if all(g is None for g in generators):
+            return None
+        temperature, top_p, top_k = params_to_tensors(params, device)
+        return cls(temperature, top_p, top_k, list(generators))
+
+    def select(self, rows: Sequence[int]) -> SamplingBatch | None:
+        """The listed rows (e.g. the rows a draft head drafts for); None when all of them are greedy."""
+        gens = [self.generators[r] for r in rows]
+        if all(g is None for g in gens):
+            return None
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.temperature.device)  # [B]
+        return SamplingBatch(self.temperature[index], self.top_p[index], self.top_k[index], gens)
+
+
 def logits_to_probs(
     logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor
 ) -> torch.Tensor:

@@ -60,7 +60,7 @@ def _check_shapes(draft_ids: torch.Tensor, target: torch.Tensor) -> tuple[int, i
     return b, gamma, target.shape[2]
 
 
-def _row_gammas(gammas: torch.Tensor | Sequence[int] | None, b: int, gamma: int, device: torch.device
+def _draft_lengths(gammas: torch.Tensor | Sequence[int] | None, b: int, gamma: int, device: torch.device
                 ) -> torch.Tensor:
     """Per-row draft lengths [B] int64 in [0, gamma] (None: every row drafted gamma)."""
     if gammas is None:
@@ -102,7 +102,7 @@ def greedy_verify(draft_ids: torch.Tensor, target_logits: torch.Tensor,
     """
     b, gamma, _ = _check_shapes(draft_ids, target_logits)
     draft_ids = draft_ids.to(target_logits.device)  # [B, gamma]
-    g = _row_gammas(gammas, b, gamma, target_logits.device)  # [B]
+    g = _draft_lengths(gammas, b, gamma, target_logits.device)  # [B]
     target_ids = target_logits.argmax(dim=-1)  # [B, gamma+1]
     in_draft = torch.arange(gamma, device=g.device)[None, :] < g[:, None]  # [B, gamma]
     num_accepted = _accepted_prefix((draft_ids == target_ids[:, :gamma]) & in_draft)  # [B]
@@ -135,7 +135,7 @@ def rejection_verify(
         raise ValueError(f"draft_probs must be [{b}, {gamma}, {v}], got {tuple(draft_probs.shape)}")
     device = target_probs.device
     draft_ids = draft_ids.to(device).long()  # [B, gamma]
-    g = _row_gammas(gammas, b, gamma, device)  # [B]
+    g = _draft_lengths(gammas, b, gamma, device)  # [B]
     in_draft = torch.arange(gamma, device=device)[None, :] < g[:, None]  # [B, gamma]
     if gamma > 0 and bool((((draft_ids < 0) | (draft_ids >= v)) & in_draft).any()):
         raise ValueError(f"draft_ids must be target vocabulary ids in [0, {v})")

@@ -76,7 +76,12 @@ def regenerate_examples(engine: TargetEngine, prompts: list[list[int]], max_new_
     on the response (and the last prompt position); earlier prompt positions are unlabeled (-1)."""
     from tide_trt.engine.generator import GenerationRequest, SpeculativeGenerator
 
-    gen = SpeculativeGenerator(engine)
+    states: dict[str, list[torch.Tensor]] = {}  # request id -> capture states of its committed positions, in order
+
+    def keep(request_id: str, start: int, hidden: torch.Tensor, tokens: list[int], is_prompt: bool) -> None:
+        states.setdefault(request_id, []).append(hidden.to(torch.bfloat16))  # [n, C, H]
+
+    gen = SpeculativeGenerator(engine, signal_sink=keep)
     todo = list(enumerate(prompts))
     done: dict[int, Example] = {}
     bar = tqdm(total=len(prompts), unit="seq", desc="target generation", disable=not progress)
@@ -88,7 +93,7 @@ def regenerate_examples(engine: TargetEngine, prompts: list[list[int]], max_new_
         for rid, seq in list(gen.sequences.items()):
             if seq.finished:
                 n = len(seq.tokens) - 1  # the last token is pending: no capture state yet
-                hidden = gen.history[seq.slot, :n].to(torch.bfloat16).clone()  # [n, C, H]
+                hidden = torch.cat(states.pop(rid))[:n].clone()  # [n, C, H]
                 labels = [-1] * (seq.num_prompt - 1) + seq.tokens[seq.num_prompt:]
                 done[int(rid)] = Example(hidden, seq.tokens[:n], labels[:n])
                 gen.release(rid)
