@@ -243,6 +243,11 @@ class ChainDrafter:
             out.append(g)
         return out
 
+    def no_drafts(self) -> None:
+        """A step in which no row drafts: nothing was drafted from the index or by the head."""
+        self.index_slots = frozenset()
+        self.last_step_draft_rows = (0, 0)
+
     def propose_step(self, slots: Sequence[int], tokens: Sequence[list[int]], gammas: Sequence[int],
                      sampling: SamplingBatch | None) -> StepProposal:
         """The drafts of a step's decode rows (γᵢ = 0: none) after `plan`: index rows take their index draft, the
@@ -250,7 +255,8 @@ class ChainDrafter:
         rows = range(len(slots))
         index_rows = [r for r in rows if gammas[r] > 0 and self._planned.get(slots[r]) is not None
                       and self.suffix is not None]
-        head_rows = [r for r in rows if gammas[r] > 0 and r not in set(index_rows)]
+        taken = set(index_rows)
+        head_rows = [r for r in rows if gammas[r] > 0 and r not in taken]
         self.index_slots = frozenset(slots[r] for r in index_rows)
         self.last_step_draft_rows = (len(head_rows), len(index_rows))
         gmax = max(gammas, default=0)

@@ -158,8 +158,7 @@ class SpeculativeGenerator:
         if self.drafter is None:
             return None
         if not any(gammas):
-            self.drafter.last_step_draft_rows = (0, 0)
-            self.drafter.index_slots = frozenset()
+            self.drafter.no_drafts()
             return None
         return self.drafter.propose_step([s.slot for s in running], [s.tokens for s in running], gammas,
                                          None if sampling is None else sampling.select(range(len(running))))

@@ -263,8 +263,13 @@ class AdaptiveController:
         return self._emit(0, 1.0, "index")
 
     def _index_interval(self) -> int:
-        base = max(self.config.reprobe_interval_steps, 1)
-        backoff = self.config.reprobe_backoff ** max(self._index_strikes - 1, 0)
+        """Steps with index drafting off before it is measured again: the re-probe interval, backed off per
+        index-guard turn-off."""
+        return self._backed_off(max(self.config.reprobe_interval_steps, 1), self._index_strikes)
+
+    def _backed_off(self, base: int, failures: int) -> int:
+        """`base` × reprobe_backoff per failure after the first, capped at reprobe_max_interval_steps."""
+        backoff = self.config.reprobe_backoff ** max(failures - 1, 0)
         return int(min(base * backoff, max(self.config.reprobe_max_interval_steps, base)))
 
     def index_off_rows(self) -> bool:
@@ -345,8 +350,7 @@ class AdaptiveController:
         base = self.config.reprobe_interval_steps
         if base <= 0:
             return base
-        backoff = self.config.reprobe_backoff ** max(self._failed_probes + self._guard_strikes - 1, 0)
-        return int(min(base * backoff, max(self.config.reprobe_max_interval_steps, base)))
+        return self._backed_off(base, self._failed_probes + self._guard_strikes)
 
     def _start_probe(self, why: str) -> None:
         self._probe_pending = False
